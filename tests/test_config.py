@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from asymvlm_vllm.core import (
     AsymVLMConfig,
@@ -134,7 +135,7 @@ def test_baseline_rankers_from_config(name, cls):
 
 def test_configs_are_immutable():
     config = AsymVLMConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.vision.min_keep = 3
 
 
