@@ -1,6 +1,8 @@
 """The AsymVLM algorithm in plain torch: scoring, budgets, selection, rankers, eviction,
 configuration and scorer files. Imports neither vllm nor transformers (a test checks)."""
 
+from .block_importance import block_attention_mass_paged, softmax_lse
+from .block_table import compact_block_tables
 from .budget import BudgetRule, BudgetRuleConfig, LinearBudget, ThresholdBudget, UniformBudget, num_tokens_to_keep
 from .config import AsymVLMConfig, TextEvictionConfig, VisionPruningConfig, list_presets
 from .errors import AsymVLMError, ConfigError, ScorerFileError
@@ -53,6 +55,8 @@ __all__ = [
     "accumulate_attention",
     "answer_image_similarity",
     "block_attention_mass",
+    "block_attention_mass_paged",
+    "compact_block_tables",
     "decide_vision_pruning",
     "head_mean_attention",
     "importance_gap",
@@ -66,5 +70,6 @@ __all__ = [
     "score_vision_tokens_packed",
     "select_keep_indices",
     "soft_score_mask",
+    "softmax_lse",
     "spiral_order",
 ]

@@ -1,0 +1,119 @@
+"""Shared pieces of the kernel benchmarks: timing, the bandwidth floor, and result rows.
+
+Every benchmark times its kernel and the torch reference in the same run and reports the
+ratio, plus achieved GB/s against the bytes the operation must move and the HBM bandwidth
+measured in that same run. ``--smoke`` runs the same code on CPU under Triton's interpreter
+at tiny shapes (wall-clock, meaningless numbers) so CI keeps the benchmarks from rotting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse_args(name: str, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=description)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1 (CI)")
+    parser.add_argument("--out", type=Path, default=RESULTS / f"{name}.json", help="JSON file the rows are appended to")
+    parser.add_argument("--rep", type=int, default=200, help="timed repetitions (median is reported)")
+    args = parser.parse_args()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+        args.rep = 2
+    return args
+
+
+def device_for(args: argparse.Namespace) -> str:
+    import torch
+
+    if args.smoke:
+        return "cpu"
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU (or --smoke for a CPU check of the code path)")
+    return "cuda"
+
+
+def time_us(fn: Callable[[], object], device: str, rep: int = 200, warmup: int = 25) -> float:
+    """Median microseconds of ``fn()``: CUDA events on GPU, wall clock under --smoke."""
+    import torch
+
+    if device != "cuda":
+        fn()
+        samples = []
+        for _ in range(rep):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(samples)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(rep):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(samples)
+
+
+def launch_floor_us(device: str, rep: int = 200) -> float:
+    """Median time of an (almost) empty kernel launch on this device."""
+    import torch
+
+    x = torch.zeros(1, device=device)
+    return time_us(lambda: x.add_(1), device, rep)
+
+
+def measured_bandwidth_gbps(device: str, nbytes: int = 1 << 30, rep: int = 20) -> float:
+    """HBM bandwidth from a device-to-device copy (reads + writes ``nbytes`` each)."""
+    import torch
+
+    if device != "cuda":
+        nbytes = 1 << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), device, rep)
+    return 2 * nbytes / us / 1e3
+
+
+def environment(device: str) -> dict:
+    import torch
+    import triton
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1, smoke only)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to the JSON list at ``path`` and print them as a table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    for row in rows:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print(f"wrote {len(rows)} rows to {path}")
