@@ -99,7 +99,7 @@ def environment(device: str) -> dict:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = os.environ.get("ASYMVLM_BENCH_COMMIT", "unknown")  # copies without .git (run_gpu.sh)
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1, smoke only)",
         "torch": torch.__version__,
