@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = scorer.add_parser("inspect", help="check a scorer file and print its metadata")
     inspect.add_argument("scorer", help="a .safetensors scorer file")
     inspect.set_defaults(run=_scorer_inspect)
+
+    from .commands import calibrate, demo, train_scorer
+
+    for module in (demo, train_scorer, calibrate):
+        module.add_parser(commands)
     return parser
 
 

@@ -4,6 +4,12 @@ import pytest
 import torch
 from hypothesis import settings
 
+# Without CUDA the kernel tests run under Triton's interpreter. TRITON_INTERPRET must be set
+# before triton.language is first imported (its standard library is @jit-decorated at import),
+# and the transformers tests import it through torch long before tests/kernels is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # CI replays a fixed set of examples so a red run is reproducible; locally they are random.
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True, print_blob=True)
 settings.register_profile("dev", max_examples=60, deadline=None)

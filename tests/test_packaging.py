@@ -54,6 +54,10 @@ def test_wheel_layout(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"asymvlm_vllm", wheel.name.split("-py3")[0] + ".dist-info"}, tops  # no bare kernels/ or configs/
     assert "asymvlm_vllm/kernels/__init__.py" in names
+    # Every source package is in the wheel, and the demo's bundled sample (package data).
+    sources = {str(p.relative_to(REPO)) for p in (REPO / "asymvlm_vllm").rglob("*.py")}
+    assert sources <= set(names), sources - set(names)
+    assert {"asymvlm_vllm/assets/sample.png", "asymvlm_vllm/assets/sample.json"} <= set(names)
     presets = sorted(n for n in names if n.startswith("asymvlm_vllm/configs/") and n.endswith(".yaml"))
     assert [Path(n).stem for n in presets] == sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 

@@ -14,6 +14,7 @@ REPO = Path(__file__).parents[1]
 ROOMS = {
     "asymvlm_vllm.core": (REPO / "asymvlm_vllm" / "core", {"vllm", "transformers", "triton"}),
     "asymvlm_vllm.kernels": (REPO / "kernels", {"vllm", "transformers"}),
+    "asymvlm_vllm.hf": (REPO / "asymvlm_vllm" / "hf", {"vllm"}),  # torch itself may load triton
 }
 
 
@@ -56,3 +57,22 @@ def test_no_source_file_of_a_room_imports_a_forbidden_package(room):
     folder, forbidden = ROOMS[room]
     for path in folder.rglob("*.py"):
         assert not _imported_top_levels(path) & forbidden, f"{path} imports {_imported_top_levels(path) & forbidden}"
+
+
+def test_only_the_hf_room_imports_transformers():
+    package = REPO / "asymvlm_vllm"
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in [*package.rglob("*.py"), *(REPO / "kernels").rglob("*.py")]
+        if "transformers" in _imported_top_levels(path) and package / "hf" not in path.parents
+    ]
+    assert offenders == []
+
+
+def test_building_the_cli_parser_stays_light():
+    code = (
+        "import sys, json; from asymvlm_vllm.cli import build_parser; build_parser(); "
+        "print(json.dumps([m for m in ('vllm', 'transformers', 'triton', 'torch') if m in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -1,8 +1,8 @@
 """Kernel tests run on the device given by the `device` parameter.
 
 Without CUDA, Triton's interpreter runs the kernels on CPU tensors: TRITON_INTERPRET must be
-set before any kernel is decorated, i.e. before the kernel modules are imported, which is why
-it is set here, at conftest import. With CUDA (and no TRITON_INTERPRET), the `cpu` parameter
+set before triton.language is first imported, which is why tests/conftest.py sets it (this file
+sets it too, for runs of tests/kernels alone from another root). With CUDA (and no TRITON_INTERPRET), the `cpu` parameter
 is skipped and the `gpu`-marked `cuda` parameter runs the compiled kernels.
 """
 

@@ -1,0 +1,71 @@
+"""`asymvlm demo`: prune one image prompt, generate, and show what pruning saved."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _keep_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a keep ratio in (0, 1], got {text!r}") from None
+    if not (0.0 < value <= 1.0):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a keep ratio in (0, 1], got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_parser(commands) -> None:
+    """Register the subcommand on ``commands`` (argparse sub-parsers)."""
+    parser = commands.add_parser(
+        "demo",
+        help="prune one image prompt and show tokens, FLOPs and time saved",
+        description=(
+            "Run AsymVLM's vision-token pruning on one image and question, generate an answer, and print "
+            "the vision tokens in and kept, the importance gap, the keep ratio, the language model's input "
+            "length and prefill FLOPs with and without pruning, and the measured CPU prefill time. Writes "
+            "heatmap.png, mask.png and report.json. Without --model it builds a tiny random LLaVA once "
+            "(offline, into $ASYMVLM_CACHE_DIR) and uses the bundled sample chart and question."
+        ),
+    )
+    parser.add_argument("--model", metavar="DIR", help="local model directory (default: the tiny random LLaVA)")
+    parser.add_argument("--image", metavar="FILE", help="image file (default: the bundled sample chart); needs --question")
+    parser.add_argument("--question", help="question about the image (default: the bundled question about the sample)")
+    parser.add_argument("--config", metavar="FILE_OR_PRESET",
+                        help="AsymVLM YAML file or preset name (default: the preset of the model's architecture; "
+                             "llava-1.5 for the tiny model)")
+    parser.add_argument("--keep-ratio", type=_keep_ratio, metavar="R",
+                        help="force a uniform keep ratio R in (0, 1]: keeps floor(N * R) vision tokens (min 1)")
+    parser.add_argument("--output-dir", default="asymvlm-demo", metavar="DIR",
+                        help="where heatmap.png, mask.png and report.json go (default: ./asymvlm-demo)")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=24, metavar="N", help="default: 24")
+    parser.add_argument("--repeats", type=_positive_int, default=5, metavar="N",
+                        help="prefill timings per prompt; the medians are compared (default: 5)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weights dtype on the CPU (default: float32)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..hf import quiet_progress_bars
+    from ..hf.demo import format_report, run_demo
+
+    quiet_progress_bars()  # the report is the output; weight-loading bars are noise
+
+    report = run_demo(
+        model_dir=args.model, image=args.image, question=args.question, config=args.config,
+        keep_ratio=args.keep_ratio, output_dir=args.output_dir, max_new_tokens=args.max_new_tokens,
+        repetitions=args.repeats, dtype=args.dtype,
+    )
+    print(format_report(report))
+    return 0

@@ -1,0 +1,457 @@
+"""``asymvlm demo``: one pruned generation, explained with measured numbers and two figures.
+
+With no model it builds (once, into the cache) a tiny random LLaVA and asks the bundled sample
+question about the bundled sample chart, so it runs offline on any machine. With ``model_dir``
+it does the same for a real local checkpoint of any supported family.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..core.budget import BudgetRule, LinearBudget, ThresholdBudget, UniformBudget, num_tokens_to_keep
+from ..core.config import AsymVLMConfig, VisionPruningConfig, list_presets
+from ..core.errors import AsymVLMError
+from ..core.flops import prefill_flops
+from ..envs import cache_dir
+from .families import SUPPORTED_ARCHITECTURES
+from .model import PrunedVLM, load_image
+from .pruning import ImageDecision, PrunedPrompt
+
+__all__ = ["DEFAULT_OUTPUT_DIR", "DemoReport", "ImageReport", "ensure_tiny_model", "format_report", "run_demo",
+           "sample_question", "tiny_model_dir"]
+
+DEFAULT_OUTPUT_DIR = Path("asymvlm-demo")
+DEFAULT_PRESET = "llava-1.5"
+TINY_FAMILY = "llava"
+TINY_ARCHITECTURE = "LlavaForConditionalGeneration"
+COMPLETE_MARKER = "asymvlm-complete.json"
+SAMPLE_IMAGE = "<bundled sample.png>"
+# Remote-code architectures cannot load here: the demo never sets trust_remote_code.
+_REMOTE_CODE_ONLY = frozenset({"Phi3VForCausalLM"})
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ImageReport:
+    """What AsymVLM decided for one image."""
+
+    vision_tokens: int  # placeholder rows of the image in the prompt
+    prunable_tokens: int  # rows that may be pruned (structural rows are always kept)
+    importance_gap: float
+    keep_ratio: float
+    ratio_reason: str
+    num_keep: int  # decision.num_keep, kept prunable rows
+    kept_rows: int  # rows the language model receives (num_keep + structural rows)
+    grid_shape: list[int] | None
+
+
+@dataclass
+class DemoReport:
+    """Every number ``asymvlm demo`` prints (and writes as JSON)."""
+
+    model_dir: str
+    architecture: str
+    tiny_model: bool
+    model_built: bool
+    image: str
+    image_size: list[int]  # (width, height)
+    question: str
+    config_source: str
+    budget: str
+    ranker: str
+    min_keep: int
+    images: list[ImageReport]
+    vision_tokens_in: int
+    vision_tokens_kept: int
+    lm_tokens_unpruned: int
+    lm_tokens_pruned: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    flops_unpruned: int
+    flops_pruned: int
+    flops_saved_fraction: float
+    prefill_seconds_unpruned: float
+    prefill_seconds_pruned: float
+    prefill_repetitions: int
+    answer: str
+    answer_token_ids: list[int]
+    max_new_tokens: int
+    heatmap_path: str | None = None
+    mask_path: str | None = None
+    json_path: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flops_ratio(self) -> float:
+        """Pruned over unpruned prefill FLOPs."""
+        return self.flops_pruned / self.flops_unpruned
+
+    @property
+    def prefill_time_ratio(self) -> float:
+        """Pruned over unpruned median CPU prefill time."""
+        return self.prefill_seconds_pruned / self.prefill_seconds_unpruned
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["flops_ratio"] = self.flops_ratio
+        data["prefill_time_ratio"] = self.prefill_time_ratio
+        return data
+
+
+def tiny_model_dir() -> Path:
+    """Where the demo's tiny model lives: ``cache_dir() / "tiny-llava-<version>"``."""
+    return cache_dir() / f"tiny-{TINY_FAMILY}-{__version__}"
+
+
+def ensure_tiny_model() -> tuple[Path, bool]:
+    """The demo's tiny LLaVA, built on first use.
+
+    Built in a temporary sibling directory whose marker file is written last, then renamed into
+    place, so an interrupted build is never mistaken for a complete one.
+
+    Returns
+    -------
+    (model directory, True if it was built by this call)
+    """
+    from .tiny import build_tiny_model
+
+    final = tiny_model_dir()
+    if (final / COMPLETE_MARKER).is_file():
+        return final, False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+        build_tiny_model(TINY_FAMILY, staging)
+        marker = {"family": TINY_FAMILY, "asymvlm_vllm": __version__, "torch": torch.__version__}
+        (staging / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
+        if final.exists() and not (final / COMPLETE_MARKER).is_file():
+            shutil.rmtree(final)  # a leftover without its marker is incomplete
+        try:
+            os.replace(staging, final)
+        except OSError:
+            if (final / COMPLETE_MARKER).is_file():  # another process finished first
+                return final, False
+            raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return final, True
+
+
+def sample_question() -> str:
+    """The bundled question about the bundled sample image."""
+    return json.loads((resources.files("asymvlm_vllm.assets") / "sample.json").read_text())["question"]
+
+
+def _sample_image():
+    from PIL import Image
+
+    with resources.as_file(resources.files("asymvlm_vllm.assets") / "sample.png") as path:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+
+
+def _architecture(model_dir: Path) -> str:
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise AsymVLMError(f"{model_dir} is not a model directory (no config.json)")
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except (OSError, ValueError) as exc:
+        raise AsymVLMError(f"cannot read {config_file}: {exc}") from None
+    supported = sorted(set(SUPPORTED_ARCHITECTURES) - _REMOTE_CODE_ONLY)
+    if not architectures or architectures[0] not in supported:
+        found = architectures[0] if architectures else "no architectures entry"
+        raise AsymVLMError(f"{config_file}: {found} is not supported by asymvlm demo; supported: {', '.join(supported)}")
+    return architectures[0]
+
+
+def _preset_for(architecture: str) -> str:
+    for name in list_presets():
+        if architecture in AsymVLMConfig.from_preset(name).architectures:
+            return name
+    return DEFAULT_PRESET
+
+
+def describe_budget(budget: BudgetRule) -> str:
+    """One line naming the budget rule and its parameters."""
+    if isinstance(budget, UniformBudget):
+        return f"uniform keep ratio {budget.ratio:g}"
+    if isinstance(budget, ThresholdBudget):
+        return (f"threshold rule: gap < {budget.gap_low:g} keeps {budget.ratio_conservative:g}, "
+                f"< {budget.gap_high:g} keeps {budget.ratio_moderate:g}, else {budget.ratio_aggressive:g}")
+    if isinstance(budget, LinearBudget):
+        return (f"linear rule: clamp({budget.target_ratio:g} {budget.slope:+g} * (gap - {budget.gap_mean:g}), "
+                f"{budget.min_ratio:g}, {budget.max_ratio:g})")
+    return type(budget).__name__
+
+
+def ratio_reason(budget: BudgetRule, gap: float) -> str:
+    """Why ``budget`` gives its keep ratio at ``gap`` (the tier of a threshold rule)."""
+    if isinstance(budget, ThresholdBudget):
+        if gap < budget.gap_low:
+            return f"gap < gap_low {budget.gap_low:g}: conservative tier"
+        if gap < budget.gap_high:
+            return f"gap_low {budget.gap_low:g} <= gap < gap_high {budget.gap_high:g}: moderate tier"
+        return f"gap >= gap_high {budget.gap_high:g}: aggressive tier"
+    if isinstance(budget, LinearBudget):
+        return "linear rule"
+    if isinstance(budget, UniformBudget):
+        return "uniform rule"
+    return type(budget).__name__
+
+
+def _resolve_config(config: AsymVLMConfig | str | os.PathLike | None, keep_ratio: float | None,
+                    architecture: str, tiny: bool) -> tuple[VisionPruningConfig, str]:
+    if config is None:
+        name = DEFAULT_PRESET if tiny else _preset_for(architecture)
+        resolved, source = AsymVLMConfig.from_preset(name), f"preset {name}"
+    elif isinstance(config, AsymVLMConfig):
+        resolved, source = config, "given config"
+    else:
+        resolved = AsymVLMConfig.load(config)
+        source = f"file {config}" if Path(str(config)).is_file() else f"preset {config}"
+    vision = resolved.vision
+    if not vision.enabled:
+        source += " (vision pruning disabled: keeps everything)"
+    if keep_ratio is not None:
+        # A forced ratio means exactly floor(N * R) tokens: the config's min_keep floor would hide it.
+        vision = vision.model_copy(update={"budget": UniformBudget(keep_ratio), "min_keep": 1, "enabled": True})
+        source += f", overridden by --keep-ratio {keep_ratio:g}"
+    return vision, source
+
+
+def _check_keep_ratio(keep_ratio: float | None) -> None:
+    if keep_ratio is not None and not (math.isfinite(keep_ratio) and 0.0 < keep_ratio <= 1.0):
+        raise AsymVLMError(f"--keep-ratio must be in (0, 1], got {keep_ratio}")
+
+
+def _prefill(model, prompt: PrunedPrompt) -> None:
+    kwargs = dict(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                  position_ids=prompt.position_ids, use_cache=False, logits_to_keep=1)
+    if prompt.token_type_ids is not None:
+        kwargs["token_type_ids"] = prompt.token_type_ids
+    model(**kwargs)
+
+
+def _median_prefill_seconds(model, unpruned: PrunedPrompt, pruned: PrunedPrompt, repetitions: int) -> tuple[float, float]:
+    """Median wall time of the language-model prefill (vision encoder excluded, it runs once for both)."""
+    times: dict[str, list[float]] = {"unpruned": [], "pruned": []}
+    with torch.inference_mode():
+        _prefill(model, unpruned)  # warm-up: first calls allocate and pick kernels
+        _prefill(model, pruned)
+        for i in range(repetitions):
+            # Alternate the order so drift (thermal, other processes) hits both alike.
+            order = (("unpruned", unpruned), ("pruned", pruned)) if i % 2 == 0 else (("pruned", pruned), ("unpruned", unpruned))
+            for name, prompt in order:
+                start = time.perf_counter()
+                _prefill(model, prompt)
+                times[name].append(time.perf_counter() - start)
+    return statistics.median(times["unpruned"]), statistics.median(times["pruned"])
+
+
+def _image_grids(decision: ImageDecision) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(h, w) scores and kept mask of an image, or None when its tokens form no single grid."""
+    grid = decision.grid_shape
+    if grid is None or math.prod(grid) != decision.decision.num_tokens:
+        return None
+    scores = decision.scores.float().cpu().reshape(grid)
+    kept = decision.kept_prunable.reshape(grid)
+    if len(grid) == 3:  # (t, h, w): average over time for the picture
+        scores, kept = scores.mean(0), kept.any(0)
+    if scores.ndim != 2:
+        return None
+    return scores, kept
+
+
+def run_demo(
+    model_dir: str | os.PathLike | None = None,
+    image: str | os.PathLike | None = None,
+    question: str | None = None,
+    config: AsymVLMConfig | str | os.PathLike | None = None,
+    keep_ratio: float | None = None,
+    output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
+    max_new_tokens: int = 24,
+    repetitions: int = 5,
+    dtype: str = "float32",
+) -> DemoReport:
+    """Prune one image prompt, generate, measure, and write the figures and a JSON report.
+
+    Parameters
+    ----------
+    model_dir : local model directory; None builds/reuses the tiny random LLaVA in the cache
+    image : image file; None uses the bundled sample chart (then ``question`` may be None too)
+    question : the question; None uses the bundled one, which is only valid for the sample image
+    config : AsymVLMConfig, YAML file or preset name; None picks the preset of the model's
+        architecture (``llava-1.5`` for the tiny model)
+    keep_ratio : forces ``UniformBudget(keep_ratio)`` with ``min_keep = 1``
+    output_dir : where ``heatmap.png``, ``mask.png`` and ``report.json`` go
+    max_new_tokens : greedy decoding length limit
+    repetitions : prefill timings per prompt; the medians are reported
+    dtype : ``float32``, ``bfloat16`` or ``float16`` weights (the demo runs on CPU)
+
+    Returns
+    -------
+    DemoReport
+    """
+    from ..plots import save_importance_heatmap, save_keep_mask
+
+    if question is not None and not question.strip():
+        raise AsymVLMError("the question is empty; AsymVLM scores image tokens against the question's text")
+    if image is not None and question is None:
+        raise AsymVLMError("--image needs --question: the bundled question is about the bundled sample image")
+    _check_keep_ratio(keep_ratio)
+    if isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise AsymVLMError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if repetitions < 1:
+        raise AsymVLMError(f"--repeats must be >= 1, got {repetitions}")
+    if dtype not in _DTYPES:
+        raise AsymVLMError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    picture = load_image(image) if image is not None else _sample_image()
+    question = question if question is not None else sample_question()
+
+    tiny = model_dir is None
+    # Every input is checked before the tiny model is built or a checkpoint is loaded.
+    architecture = TINY_ARCHITECTURE if tiny else _architecture(Path(model_dir))
+    vision, config_source = _resolve_config(config, keep_ratio, architecture, tiny)
+    model_path, built = ensure_tiny_model() if tiny else (Path(model_dir), False)
+    vlm = PrunedVLM.from_pretrained(model_path, vision, dtype=_DTYPES[dtype])
+
+    inputs = vlm.process([picture], [question])
+    pruned = vlm.prune(inputs)
+    unpruned = vlm.prune(inputs, budget=UniformBudget(1.0))
+    if unpruned.lm_lengths != pruned.prompt_lengths:
+        raise RuntimeError(f"keep-all prompt has {unpruned.lm_lengths} tokens, the original {pruned.prompt_lengths}")
+    generation = vlm.generate_from(pruned, max_new_tokens)
+    answer_ids = generation.tokens[0]
+    answer = vlm.processor.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+
+    text = vlm.model.config.get_text_config()
+    dims = dict(hidden_size=int(text.hidden_size), intermediate_size=int(text.intermediate_size),
+                num_layers=int(text.num_hidden_layers))
+    lm_unpruned, lm_pruned = pruned.prompt_lengths[0], pruned.lm_lengths[0]
+    flops_unpruned = prefill_flops(lm_unpruned, dims["hidden_size"], dims["intermediate_size"], dims["num_layers"])
+    flops_pruned = prefill_flops(lm_pruned, dims["hidden_size"], dims["intermediate_size"], dims["num_layers"])
+    seconds_unpruned, seconds_pruned = _median_prefill_seconds(vlm.model, unpruned, pruned, repetitions)
+
+    decisions = pruned.images[0]
+    images = [
+        ImageReport(
+            vision_tokens=int(d.positions.shape[0]), prunable_tokens=int(d.prunable.sum()),
+            importance_gap=float(d.decision.gap), keep_ratio=float(d.decision.keep_ratio),
+            ratio_reason=ratio_reason(vlm.budget, float(d.decision.gap)),
+            num_keep=d.decision.num_keep, kept_rows=int(d.kept_rows.sum()),
+            grid_shape=list(d.grid_shape) if d.grid_shape is not None else None,
+        )
+        for d in decisions
+    ]
+    report = DemoReport(
+        model_dir=str(model_path), architecture=architecture, tiny_model=tiny, model_built=built,
+        image=str(image) if image is not None else SAMPLE_IMAGE, image_size=list(picture.size), question=question,
+        config_source=config_source, budget=describe_budget(vlm.budget), ranker=str(vision.ranker),
+        min_keep=int(vision.min_keep), images=images,
+        vision_tokens_in=pruned.vision_tokens[0], vision_tokens_kept=pruned.vision_tokens_kept[0],
+        lm_tokens_unpruned=lm_unpruned, lm_tokens_pruned=lm_pruned, **dims,
+        flops_unpruned=flops_unpruned, flops_pruned=flops_pruned,
+        flops_saved_fraction=1.0 - flops_pruned / flops_unpruned,
+        prefill_seconds_unpruned=seconds_unpruned, prefill_seconds_pruned=seconds_pruned,
+        prefill_repetitions=repetitions, answer=answer, answer_token_ids=list(answer_ids),
+        max_new_tokens=max_new_tokens,
+    )
+    if tiny:
+        report.notes.append("the tiny model has random weights, so its answer is gibberish; "
+                            "pass --model DIR with a real checkpoint for a meaningful one")
+        report.notes.append("a 2-layer, 128-wide model's prefill time is mostly per-call overhead, so its time "
+                            "ratio lags the FLOPs ratio; a real model's prefill follows the FLOPs more closely")
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    grids = _image_grids(decisions[0]) if len(decisions) == 1 else None
+    if grids is None:
+        report.notes.append(f"no heatmap: {architecture} image tokens form no single patch grid")
+    else:
+        scores, kept = grids
+        report.heatmap_path = str(save_importance_heatmap(picture, scores, kept, out / "heatmap.png"))
+        report.mask_path = str(save_keep_mask(kept, out / "mask.png", image=picture))
+    json_path = out / "report.json"
+    report.json_path = str(json_path)
+    json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def format_report(report: DemoReport) -> str:
+    """The human-readable account of a :class:`DemoReport` that ``asymvlm demo`` prints."""
+    if report.tiny_model:
+        action = "built" if report.model_built else "cached"
+        model = f"tiny random {report.architecture} ({action}: {report.model_dir})"
+    else:
+        model = f"{report.architecture} from {report.model_dir}"
+    width, height = report.image_size
+    lines = [
+        "AsymVLM demo",
+        f"  model          {model}",
+        f"  image          {report.image} ({width}x{height})",
+        f"  question       {report.question}",
+        f"  config         {report.config_source}",
+        f"  budget         {report.budget}; min_keep {report.min_keep}; {report.ranker} ranker",
+        "",
+        "Vision pruning",
+    ]
+    for i, img in enumerate(report.images):
+        prefix = f"  image {i}: " if len(report.images) > 1 else "  "
+        grid = " x ".join(map(str, img.grid_shape)) + " grid" if img.grid_shape else "no single grid"
+        structural = img.vision_tokens - img.prunable_tokens
+        extra = f", {structural} structural always kept" if structural else ""
+        lines.append(f"{prefix}vision tokens in   {img.vision_tokens} ({grid}{extra})")
+        lines.append(f"{prefix}importance gap     {img.importance_gap:.4f}")
+        floor = num_tokens_to_keep(img.prunable_tokens, img.keep_ratio, 0)
+        count = f"floor({img.prunable_tokens} x {img.keep_ratio:g}) = {floor}"
+        if img.num_keep > floor:
+            count += (f", raised to min_keep {report.min_keep}" if img.num_keep == report.min_keep
+                      else f", all {img.num_keep} kept (min_keep {report.min_keep})")
+        lines.append(f"{prefix}keep ratio         {img.keep_ratio:g} ({img.ratio_reason}): {count}")
+    kept_pct = 100.0 * report.vision_tokens_kept / max(report.vision_tokens_in, 1)
+    lines += [
+        f"  vision tokens kept {report.vision_tokens_kept} of {report.vision_tokens_in} ({kept_pct:.1f}%)",
+        "",
+        f"Language-model prefill (hidden {report.hidden_size}, MLP {report.intermediate_size}, "
+        f"{report.num_layers} layers)",
+        f"  LM input tokens    {report.lm_tokens_unpruned} unpruned -> {report.lm_tokens_pruned} pruned "
+        f"({100.0 * (1 - report.lm_tokens_pruned / report.lm_tokens_unpruned):.1f}% fewer)",
+        f"  prefill FLOPs      {_si(report.flops_unpruned)} -> {_si(report.flops_pruned)} "
+        f"(ratio {report.flops_ratio:.3f}, {100.0 * report.flops_saved_fraction:.1f}% saved)",
+        f"  CPU prefill time   {report.prefill_seconds_unpruned * 1e3:.2f} ms -> {report.prefill_seconds_pruned * 1e3:.2f} ms "
+        f"(ratio {report.prefill_time_ratio:.3f}, median of {report.prefill_repetitions})",
+        "",
+        f"Answer (greedy, at most {report.max_new_tokens} new tokens, {len(report.answer_token_ids)} generated)",
+        f"  {json.dumps(report.answer, ensure_ascii=False)}",
+    ]
+    if report.notes:
+        lines += ["", "Notes"] + [f"  - {note}" for note in report.notes]
+    lines += ["", "Files"]
+    for name, path in (("heatmap", report.heatmap_path), ("mask", report.mask_path), ("report", report.json_path)):
+        if path is not None:
+            lines.append(f"  {name:8s} {path}")
+    return "\n".join(lines)

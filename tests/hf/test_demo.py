@@ -1,0 +1,267 @@
+"""`asymvlm demo` end to end on real tiny models (no mocks): numbers, files, caching, errors."""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from asymvlm_vllm import cli, plots
+from asymvlm_vllm.core import AsymVLMConfig, UniformBudget
+from asymvlm_vllm.core.flops import prefill_flops
+from asymvlm_vllm.hf import PrunedVLM
+from asymvlm_vllm.hf.demo import COMPLETE_MARKER, sample_question, tiny_model_dir
+from tests.hf.conftest import random_image
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("asymvlm-cache")
+
+
+@pytest.fixture
+def offline(monkeypatch, shared_cache):
+    """The demo's cache in a temp dir, the hub disabled, and any network connection an error."""
+    monkeypatch.setenv("ASYMVLM_CACHE_DIR", str(shared_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+    def no_network(self, *args, **kwargs):
+        raise OSError("asymvlm demo tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return shared_cache
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(["demo", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def sample_image():
+    from importlib import resources
+
+    with resources.as_file(resources.files("asymvlm_vllm.assets") / "sample.png") as path:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+
+
+def text_dims(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())["text_config"]
+    return config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+
+
+def test_bundled_sample_is_small_and_has_a_question():
+    from importlib import resources
+
+    png = resources.files("asymvlm_vllm.assets") / "sample.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(png.read_bytes()) < 30_000
+    assert sample_image().size == (256, 256)
+    assert sample_question().strip().endswith("?")
+
+
+def test_default_demo_runs_offline_and_reports_measured_numbers(offline, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, _ = run_cli(capsys, "--output-dir", str(out_dir), "--repeats", "3")
+    assert code == 0
+    report = json.loads((out_dir / "report.json").read_text())
+    model_dir = tiny_model_dir()
+    assert model_dir.parent == offline and (model_dir / COMPLETE_MARKER).is_file()
+    assert report["model_dir"] == str(model_dir) and report["tiny_model"] and report["model_built"]
+    assert report["config_source"] == "preset llava-1.5"
+
+    # Recompute the decision independently with the same model, preset, image and question.
+    vlm = PrunedVLM.from_pretrained(model_dir, "llava-1.5")
+    inputs = vlm.process([sample_image()], [sample_question()])
+    prompt = vlm.prune(inputs)
+    decisions = prompt.images[0]
+    num_keep = sum(d.decision.num_keep for d in decisions)
+    assert report["vision_tokens_in"] == 64
+    assert report["vision_tokens_kept"] == num_keep < report["vision_tokens_in"]
+    assert report["images"][0]["importance_gap"] == pytest.approx(decisions[0].decision.gap)
+    assert report["images"][0]["keep_ratio"] == decisions[0].decision.keep_ratio
+    assert report["lm_tokens_unpruned"] == prompt.prompt_lengths[0]
+    assert report["lm_tokens_pruned"] == prompt.lm_lengths[0]
+    assert report["lm_tokens_unpruned"] - report["lm_tokens_pruned"] == 64 - num_keep
+
+    d, m, layers = text_dims(model_dir)
+    assert (report["hidden_size"], report["intermediate_size"], report["num_layers"]) == (d, m, layers)
+    assert report["flops_unpruned"] == prefill_flops(report["lm_tokens_unpruned"], d, m, layers)
+    assert report["flops_pruned"] == prefill_flops(report["lm_tokens_pruned"], d, m, layers)
+    assert report["flops_saved_fraction"] == pytest.approx(1 - report["flops_pruned"] / report["flops_unpruned"])
+    assert 0 < report["flops_saved_fraction"] < 1
+    assert report["prefill_seconds_unpruned"] > 0 and report["prefill_seconds_pruned"] > 0
+    assert report["prefill_repetitions"] == 3
+
+    # The answer is what greedy decoding of the pruned prompt gives.
+    assert report["answer_token_ids"] == vlm.generate(inputs, max_new_tokens=24).tokens[0]
+
+    # The printed report carries the numbers.
+    for needle in (
+        "vision tokens in   64 (8 x 8 grid)",
+        f"vision tokens kept {num_keep} of 64",
+        f"importance gap     {decisions[0].decision.gap:.4f}",
+        f"{report['lm_tokens_unpruned']} unpruned -> {report['lm_tokens_pruned']} pruned",
+        f"ratio {report['flops_ratio']:.3f}, {100 * report['flops_saved_fraction']:.1f}% saved",
+        f"ratio {report['prefill_time_ratio']:.3f}, median of 3",
+        "random weights, so its answer is gibberish",
+        str(out_dir / "heatmap.png"),
+    ):
+        assert needle in out, needle
+
+    # Figures: the heatmap figure for a 256x256 image, and a mask whose dropped patches are dark.
+    with Image.open(out_dir / "heatmap.png") as heatmap:
+        assert heatmap.format == "PNG" and heatmap.size == plots.heatmap_figure_size((256, 256))
+    kept = decisions[0].kept_prunable.reshape(8, 8).numpy()
+    with Image.open(out_dir / "mask.png") as mask_png:
+        assert mask_png.size == (256, 256)
+        mask = np.asarray(mask_png.convert("RGB")).astype(float)
+    original = np.asarray(sample_image()).astype(float)
+    for r in range(8):
+        for c in range(8):
+            block = (slice(32 * r, 32 * r + 32), slice(32 * c, 32 * c + 32))
+            if kept[r, c]:
+                assert np.array_equal(mask[block], original[block])
+            else:
+                assert mask[block].mean() <= 0.25 * original[block].mean() + 1
+
+    # Second run: the cached model is reused, not rebuilt.
+    weights = model_dir / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    code, out, _ = run_cli(capsys, "--output-dir", str(out_dir), "--repeats", "1", "--max-new-tokens", "2")
+    assert code == 0
+    again = json.loads((out_dir / "report.json").read_text())
+    assert again["model_built"] is False and "(cached: " in out
+    assert weights.stat().st_mtime_ns == stamp
+    assert again["vision_tokens_kept"] == report["vision_tokens_kept"]
+    assert again["answer_token_ids"] == report["answer_token_ids"][:2]
+
+
+def test_incomplete_cache_is_rebuilt(offline, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ASYMVLM_CACHE_DIR", str(tmp_path / "cache"))
+    broken = tiny_model_dir()
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{}")  # an interrupted build: no marker
+    code, _, _ = run_cli(capsys, "--output-dir", str(tmp_path / "out"), "--repeats", "1", "--max-new-tokens", "1")
+    assert code == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["model_built"] is True
+    assert (broken / COMPLETE_MARKER).is_file() and (broken / "model.safetensors").is_file()
+    assert [p.name for p in broken.parent.iterdir()] == [broken.name]  # no staging leftovers
+
+
+def test_keep_ratio_forces_a_uniform_budget(offline, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "--keep-ratio", "0.25", "--output-dir", str(tmp_path), "--repeats", "1",
+                           "--max-new-tokens", "1")
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    # floor(64 * 0.25) = 16: the preset's min_keep of 32 does not apply to a forced ratio.
+    assert report["vision_tokens_kept"] == report["images"][0]["num_keep"] == 16
+    assert report["min_keep"] == 1 and report["budget"] == "uniform keep ratio 0.25"
+    assert report["lm_tokens_unpruned"] - report["lm_tokens_pruned"] == 64 - 16
+    assert "floor(64 x 0.25) = 16" in out
+
+
+def test_config_file_overrides_the_preset(offline, tmp_path, capsys):
+    config = AsymVLMConfig.from_preset("llava-1.5").model_dump(mode="json")
+    config["vision"]["budget"] = {"rule": "uniform", "ratio": 0.25}
+    config["vision"]["min_keep"] = 40
+    path = tmp_path / "mine.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    code, out, _ = run_cli(capsys, "--config", str(path), "--output-dir", str(tmp_path / "out"), "--repeats", "1",
+                         "--max-new-tokens", "1")
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["vision_tokens_kept"] == 40 and report["config_source"] == f"file {path}"
+    assert "floor(64 x 0.25) = 16, raised to min_keep 40" in out
+
+
+def test_real_model_directory_of_another_family(offline, tiny_model_dirs, tmp_path, capsys):
+    model_dir = tiny_model_dirs("qwen2_5_vl")
+    image_path = tmp_path / "picture.png"
+    random_image(3).save(image_path)
+    code, out, _ = run_cli(capsys, "--model", str(model_dir), "--image", str(image_path),
+                           "--question", "What is shown in this picture?", "--output-dir", str(tmp_path / "out"),
+                           "--repeats", "1", "--max-new-tokens", "3")
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["architecture"] == "Qwen2_5_VLForConditionalGeneration" and not report["tiny_model"]
+    assert report["config_source"] == "preset qwen2.5-vl"  # picked by architecture
+    assert report["image"] == str(image_path) and report["question"] == "What is shown in this picture?"
+    assert report["images"][0]["grid_shape"] == [1, 8, 8]
+
+    vlm = PrunedVLM.from_pretrained(model_dir, "qwen2.5-vl")
+    prompt = vlm.prune(vlm.process([random_image(3)], ["What is shown in this picture?"]))
+    num_keep = sum(d.decision.num_keep for d in prompt.images[0])
+    assert report["vision_tokens_in"] == 64 and report["vision_tokens_kept"] == num_keep < 64
+    d, m, layers = text_dims(model_dir)
+    assert report["flops_pruned"] == prefill_flops(prompt.lm_lengths[0], d, m, layers)
+    assert "gibberish" not in out
+    with Image.open(tmp_path / "out" / "heatmap.png") as heatmap:
+        assert heatmap.size == plots.heatmap_figure_size((224, 224))
+
+
+def test_family_without_a_single_grid_skips_the_heatmap(offline, tiny_model_dirs, tmp_path, capsys):
+    model_dir = tiny_model_dirs("llava_next")
+    code, out, _ = run_cli(capsys, "--model", str(model_dir), "--keep-ratio", "0.5", "--output-dir", str(tmp_path),
+                           "--repeats", "1", "--max-new-tokens", "1")
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    image = report["images"][0]
+    structural = image["vision_tokens"] - image["prunable_tokens"]
+    assert structural > 0  # the newline rows
+    assert image["kept_rows"] == image["num_keep"] + structural == report["vision_tokens_kept"]
+    assert image["num_keep"] == image["prunable_tokens"] // 2
+    assert report["heatmap_path"] is None and not (tmp_path / "heatmap.png").exists()
+    assert "no heatmap: LlavaNextForConditionalGeneration image tokens form no single patch grid" in out
+    assert (tmp_path / "report.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda p: ["--image", str(p / "missing.png"), "--question", "What?"], "image file not found"),
+        (lambda p: ["--image", str(p / "notes.txt"), "--question", "What?"], "cannot read"),
+        (lambda p: ["--question", "   "], "the question is empty"),
+        (lambda p: ["--image", str(p / "picture.png")], "--image needs --question"),
+        (lambda p: ["--model", str(p)], "is not a model directory (no config.json)"),
+        (lambda p: ["--model", str(p / "nowhere")], "is not a model directory (no config.json)"),
+        (lambda p: ["--config", "no-such-preset"], "unknown AsymVLM preset 'no-such-preset'"),
+    ],
+)
+def test_bad_input_exits_2_before_any_model_work(offline, tmp_path, monkeypatch, capsys, make_args, message):
+    monkeypatch.setenv("ASYMVLM_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    random_image(0).save(tmp_path / "picture.png")
+    code, out, err = run_cli(capsys, *make_args(tmp_path), "--output-dir", str(tmp_path / "out"))
+    assert code == 2
+    assert err.startswith("asymvlm: error: ") and message in err
+    assert out == ""
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_is_a_clear_error(offline, tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    code, _, err = run_cli(capsys, "--model", str(tmp_path))
+    assert code == 2 and "LlamaForCausalLM is not supported by asymvlm demo" in err
+
+
+@pytest.mark.parametrize("ratio", ["0", "1.5", "nan", "half"])
+def test_keep_ratio_out_of_range_is_a_usage_error(capsys, ratio):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--keep-ratio", ratio])
+    assert exit_info.value.code == 2
+    assert "keep ratio in (0, 1]" in capsys.readouterr().err
+
+
+def test_run_demo_returns_the_report(offline, tmp_path):
+    from asymvlm_vllm.hf.demo import format_report, run_demo
+
+    report = run_demo(question="What is the total?", keep_ratio=0.5, output_dir=tmp_path, max_new_tokens=1,
+                      repetitions=1)
+    assert report.question == "What is the total?" and report.vision_tokens_kept == 32
+    assert report.flops_ratio == report.flops_pruned / report.flops_unpruned
+    assert json.loads((tmp_path / "report.json").read_text())["flops_ratio"] == report.flops_ratio
+    assert format_report(report).startswith("AsymVLM demo\n")
+    assert UniformBudget(0.5).keep_ratio(report.images[0].importance_gap) == report.images[0].keep_ratio
