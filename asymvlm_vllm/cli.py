@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .commands import integer_at_least
+
 
 def _config_presets(args: argparse.Namespace) -> int:
     from .core import AsymVLMConfig, list_presets
@@ -53,16 +55,6 @@ def _scorer_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asymvlm", description="AsymVLM for vLLM: tools around the serving plugin.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init = scorer.add_parser("init", help="write an untrained scorer (w = 1, i.e. cosine)")
     init.add_argument("--architecture", required=True, help="HF architecture, e.g. LlavaForConditionalGeneration")
-    init.add_argument("--hidden-size", type=_positive_int, required=True, help="the language model's hidden size")
+    init.add_argument("--hidden-size", type=integer_at_least(1), required=True, help="the language model's hidden size")
     init.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     init.set_defaults(run=_scorer_init)
     inspect = scorer.add_parser("inspect", help="check a scorer file and print its metadata")

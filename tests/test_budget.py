@@ -52,6 +52,15 @@ def test_rules_round_trip_through_their_tag(rule):
     assert adapter.validate_python(adapter.dump_python(rule)) == rule
 
 
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+def test_describe_names_the_rule_and_its_ratios(rule):
+    text = rule.describe()
+    assert text.startswith(f"{rule.rule} ") and "\n" not in text
+    for name in ("ratio", "ratio_conservative", "ratio_moderate", "ratio_aggressive", "min_ratio", "max_ratio"):
+        if hasattr(rule, name):
+            assert f"{getattr(rule, name):g}" in text, name
+
+
 def test_threshold_tiers_at_their_boundaries():
     r = THRESHOLD
     assert r.keep_ratio(0.0) == r.keep_ratio(math.nextafter(0.171, 0)) == 0.5

@@ -36,8 +36,8 @@ def test_errors_exit_2_with_the_reason(tmp_path, capsys):
     "argv, message",
     [
         (["no-such-command"], "invalid choice"),
-        (["scorer", "init", "--architecture", "X", "--hidden-size", "0", "-o", "w"], "expected a positive integer, got 0"),
-        (["scorer", "init", "--architecture", "X", "--hidden-size", "many", "-o", "w"], "expected a positive integer, got 'many'"),
+        (["scorer", "init", "--architecture", "X", "--hidden-size", "0", "-o", "w"], "expected an integer >= 1, got 0"),
+        (["scorer", "init", "--architecture", "X", "--hidden-size", "many", "-o", "w"], "expected an integer >= 1, got 'many'"),
     ],
 )
 def test_usage_errors_exit_2(argv, message, capsys):

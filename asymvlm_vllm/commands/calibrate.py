@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.budget import ThresholdBudget
     from ..core.errors import AsymVLMError
     from ..hf import PrunedVLM
-    from ..hf.calibration import ANSWER_INSTRUCTION, OBJECTIVES, calibrate, describe_rule
+    from ..hf.calibration import ANSWER_INSTRUCTION, OBJECTIVES, calibrate
     from ..hf.data import load_samples
     from ..plots import save_gap_histogram
 
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
                 "min_keep": args.min_keep,
             },
         })
-        header = f"# written by `asymvlm calibrate` ({describe_rule(rule)})\n"
+        header = f"# written by `asymvlm calibrate` ({rule.describe()})\n"
         _write_atomically(output, header + config.to_yaml())
         print(f"wrote {output}")
     if args.histogram:

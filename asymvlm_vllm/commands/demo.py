@@ -4,25 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _keep_ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a keep ratio in (0, 1], got {text!r}") from None
-    if not (0.0 < value <= 1.0):  # also rejects nan
-        raise argparse.ArgumentTypeError(f"expected a keep ratio in (0, 1], got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+from . import integer_at_least, number_in
 
 
 def add_parser(commands) -> None:
@@ -44,12 +26,12 @@ def add_parser(commands) -> None:
     parser.add_argument("--config", metavar="FILE_OR_PRESET",
                         help="AsymVLM YAML file or preset name (default: the preset of the model's architecture; "
                              "llava-1.5 for the tiny model)")
-    parser.add_argument("--keep-ratio", type=_keep_ratio, metavar="R",
+    parser.add_argument("--keep-ratio", type=number_in(0.0, 1.0), metavar="R",
                         help="force a uniform keep ratio R in (0, 1]: keeps floor(N * R) vision tokens (min 1)")
     parser.add_argument("--output-dir", default="asymvlm-demo", metavar="DIR",
                         help="where heatmap.png, mask.png and report.json go (default: ./asymvlm-demo)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=24, metavar="N", help="default: 24")
-    parser.add_argument("--repeats", type=_positive_int, default=5, metavar="N",
+    parser.add_argument("--max-new-tokens", type=integer_at_least(1), default=24, metavar="N", help="default: 24")
+    parser.add_argument("--repeats", type=integer_at_least(1), default=5, metavar="N",
                         help="prefill timings per prompt; the medians are compared (default: 5)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="weights dtype on the CPU (default: float32)")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
 from pathlib import Path
+
+from . import integer_at_least, number_in
 
 # Appendix D's defaults; the parser leaves these flags at None so that --resume can tell which
 # ones were given (a given flag must match the checkpoint, an omitted one takes its value).
@@ -15,35 +16,6 @@ DEFAULTS = dict(samples=1500, epochs=3, lr=1e-3, strength=5.0, temperature=1.0, 
 _SETTING_OF_FLAG = dict(epochs="epochs", lr="learning_rate", strength="mask_strength",
                         temperature="mask_temperature", reg="weight_regularization",
                         keep_ratio="keep_ratio", seed="seed")
-
-
-def _integer(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _number(low: float, high: float = math.inf, low_inclusive: bool = False):
-    interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high != math.inf else ')'}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
-        above = value >= low if low_inclusive else value > low
-        if not (math.isfinite(value) and above and value <= high):
-            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text}")
-        return value
-
-    return parse
 
 
 def add_parser(commands) -> None:
@@ -61,26 +33,26 @@ def add_parser(commands) -> None:
                    help="JSONL file ({image, question, answer|answers} per line), or a parquet file, "
                         "folder or glob (DocVQA/ChartQA/TextVQA layout)")
     p.add_argument("-o", "--output", required=True, help="scorer .safetensors file to write")
-    p.add_argument("--samples", type=_integer(1), help=f"training samples drawn from --data (default {DEFAULTS['samples']})")
-    p.add_argument("--epochs", type=_integer(1), help=f"epochs (default {DEFAULTS['epochs']})")
-    p.add_argument("--lr", type=_number(0), help=f"AdamW learning rate (default {DEFAULTS['lr']:g})")
-    p.add_argument("--strength", type=_number(0), help=f"soft-mask strength C (default {DEFAULTS['strength']:g})")
-    p.add_argument("--temperature", type=_number(0),
+    p.add_argument("--samples", type=integer_at_least(1), help=f"training samples drawn from --data (default {DEFAULTS['samples']})")
+    p.add_argument("--epochs", type=integer_at_least(1), help=f"epochs (default {DEFAULTS['epochs']})")
+    p.add_argument("--lr", type=number_in(0), help=f"AdamW learning rate (default {DEFAULTS['lr']:g})")
+    p.add_argument("--strength", type=number_in(0), help=f"soft-mask strength C (default {DEFAULTS['strength']:g})")
+    p.add_argument("--temperature", type=number_in(0),
                    help=f"soft-mask temperature tau (default {DEFAULTS['temperature']:g})")
-    p.add_argument("--reg", type=_number(0, low_inclusive=True),
+    p.add_argument("--reg", type=number_in(0, low_inclusive=True),
                    help=f"lambda of lambda*||w-1||^2 (default {DEFAULTS['reg']:g})")
-    p.add_argument("--keep-ratio", type=_number(0, 1), help=f"keep ratio of the soft mask (default {DEFAULTS['keep_ratio']:g})")
-    p.add_argument("--seed", type=_integer(0), help=f"seed of the sample draw and order (default {DEFAULTS['seed']})")
+    p.add_argument("--keep-ratio", type=number_in(0, 1), help=f"keep ratio of the soft mask (default {DEFAULTS['keep_ratio']:g})")
+    p.add_argument("--seed", type=integer_at_least(0), help=f"seed of the sample draw and order (default {DEFAULTS['seed']})")
     p.add_argument("--checkpoint-dir", help="checkpoint folder (default: <output without suffix>.checkpoints)")
-    p.add_argument("--checkpoint-every", type=_integer(1), default=250,
+    p.add_argument("--checkpoint-every", type=integer_at_least(1), default=250,
                    help="checkpoint every N steps, besides each epoch's end (default 250)")
     p.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint exactly")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (default float32)")
     p.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
     p.add_argument("--heldout", metavar="FILE", help="held-out data: report its discrepancy under real pruning")
-    p.add_argument("--heldout-samples", type=_integer(1), default=200,
+    p.add_argument("--heldout-samples", type=integer_at_least(1), default=200,
                    help="held-out samples drawn from --heldout (default 200)")
-    p.add_argument("--eval-samples", type=_integer(1), default=64,
+    p.add_argument("--eval-samples", type=integer_at_least(1), default=64,
                    help="training samples the loss before/after is measured on (default 64)")
     p.set_defaults(run=run)
 

@@ -63,6 +63,10 @@ class BudgetRule(Protocol):
 
     def keep_ratio(self, gap: float) -> float: ...
 
+    def describe(self) -> str:
+        """One line naming the rule and its parameters (for reports and logs)."""
+        ...
+
 
 @dataclass(config=_RULE_CONFIG)
 class UniformBudget:
@@ -74,6 +78,9 @@ class UniformBudget:
     def keep_ratio(self, gap: float) -> float:
         _check_gap_input(gap)
         return self.ratio
+
+    def describe(self) -> str:
+        return f"uniform keep ratio {self.ratio:g}"
 
 
 @dataclass(config=_RULE_CONFIG, kw_only=True)
@@ -110,6 +117,10 @@ class ThresholdBudget:
             return self.ratio_moderate
         return self.ratio_aggressive
 
+    def describe(self) -> str:
+        return (f"threshold rule: gap < {self.gap_low:.4g} keeps {self.ratio_conservative:g}, "
+                f"< {self.gap_high:.4g} keeps {self.ratio_moderate:g}, else {self.ratio_aggressive:g}")
+
 
 @dataclass(config=_RULE_CONFIG, kw_only=True)
 class LinearBudget:
@@ -135,6 +146,10 @@ class LinearBudget:
         gap = _check_gap_input(gap)
         ratio = self.target_ratio + self.slope * (gap - self.gap_mean)
         return min(self.max_ratio, max(self.min_ratio, ratio))
+
+    def describe(self) -> str:
+        return (f"linear rule: clamp({self.target_ratio:.4g} {self.slope:+.4g} * (gap - {self.gap_mean:.4g}), "
+                f"{self.min_ratio:g}, {self.max_ratio:g})")
 
 
 BudgetRuleConfig = Annotated[

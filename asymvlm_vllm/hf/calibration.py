@@ -37,7 +37,6 @@ __all__ = [
     "anls",
     "best_uniform",
     "calibrate",
-    "describe_rule",
     "evaluate_budgets",
     "exact_match",
     "fit_linear",
@@ -715,7 +714,7 @@ class CalibrationReport:
         label, higher = OBJECTIVES[self.objective]
         direction = "higher" if higher else "lower"
         rows = [
-            ("calibrated " + describe_rule(self.chosen.rule), self.chosen),
+            ("calibrated " + self.chosen.rule.describe(), self.chosen),
             ("keep-all (uniform 1.0)", self.keep_all),
             (f"uniform {self.uniform_same_average.rule.ratio:.4g} (ratio = the calibrated average)",
              self.uniform_same_average),
@@ -734,20 +733,6 @@ class CalibrationReport:
             lines.append(f"(the fit estimated {self.fitted.objective:.6g} by interpolating between grid ratios; "
                          "the row above is measured)")
         return "\n".join(lines)
-
-
-def describe_rule(rule: BudgetRule) -> str:
-    """One line naming a rule and its parameters."""
-    if isinstance(rule, ThresholdBudget):
-        return (f"threshold: gap < {rule.gap_low:.4g} -> {rule.ratio_conservative:g}, "
-                f"< {rule.gap_high:.4g} -> {rule.ratio_moderate:g}, else {rule.ratio_aggressive:g}")
-    if isinstance(rule, LinearBudget):
-        return (f"linear: {rule.target_ratio:.4g} {rule.slope:+.4g} * (gap - {rule.gap_mean:.4g}), "
-                f"clamped to [{rule.min_ratio:g}, {rule.max_ratio:g}]")
-    if isinstance(rule, UniformBudget):
-        return f"uniform {rule.ratio:g}"
-    return repr(rule)
-
 
 def _measured(table: CalibrationTable, rule: BudgetRule, evaluate: Callable[[BudgetRule], Evaluation]) -> FittedRule:
     """``rule`` scored by lookup when its ratios are all on the table, else by running the model."""

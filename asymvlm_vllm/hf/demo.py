@@ -188,19 +188,6 @@ def _preset_for(architecture: str) -> str:
     return DEFAULT_PRESET
 
 
-def describe_budget(budget: BudgetRule) -> str:
-    """One line naming the budget rule and its parameters."""
-    if isinstance(budget, UniformBudget):
-        return f"uniform keep ratio {budget.ratio:g}"
-    if isinstance(budget, ThresholdBudget):
-        return (f"threshold rule: gap < {budget.gap_low:g} keeps {budget.ratio_conservative:g}, "
-                f"< {budget.gap_high:g} keeps {budget.ratio_moderate:g}, else {budget.ratio_aggressive:g}")
-    if isinstance(budget, LinearBudget):
-        return (f"linear rule: clamp({budget.target_ratio:g} {budget.slope:+g} * (gap - {budget.gap_mean:g}), "
-                f"{budget.min_ratio:g}, {budget.max_ratio:g})")
-    return type(budget).__name__
-
-
 def ratio_reason(budget: BudgetRule, gap: float) -> str:
     """Why ``budget`` gives its keep ratio at ``gap`` (the tier of a threshold rule)."""
     if isinstance(budget, ThresholdBudget):
@@ -363,7 +350,7 @@ def run_demo(
     report = DemoReport(
         model_dir=str(model_path), architecture=architecture, tiny_model=tiny, model_built=built,
         image=str(image) if image is not None else SAMPLE_IMAGE, image_size=list(picture.size), question=question,
-        config_source=config_source, budget=describe_budget(vlm.budget), ranker=str(vision.ranker),
+        config_source=config_source, budget=vlm.budget.describe(), ranker=str(vision.ranker),
         min_keep=int(vision.min_keep), images=images,
         vision_tokens_in=pruned.vision_tokens[0], vision_tokens_kept=pruned.vision_tokens_kept[0],
         lm_tokens_unpruned=lm_unpruned, lm_tokens_pruned=lm_pruned, **dims,

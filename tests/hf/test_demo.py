@@ -252,7 +252,7 @@ def test_keep_ratio_out_of_range_is_a_usage_error(capsys, ratio):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", "--keep-ratio", ratio])
     assert exit_info.value.code == 2
-    assert "keep ratio in (0, 1]" in capsys.readouterr().err
+    assert "argument --keep-ratio: expected a number in (0, 1], got" in capsys.readouterr().err
 
 
 def test_run_demo_returns_the_report(offline, tmp_path):
