@@ -107,12 +107,12 @@ class PrunedVLM:
         return self.processor(text=texts, images=[[img] for img in images], return_tensors="pt", padding=True)
 
     def prune(self, inputs, budget: BudgetRule | Sequence[BudgetRule] | None = None,
-              drop: Sequence | None = None) -> PrunedPrompt:
+              drop: Sequence | None = None, features: Sequence | None = None) -> PrunedPrompt:
         """The pruned language-model input for a processor batch (see :func:`.pruning.prune_prompt`)."""
         with torch.inference_mode():
             return prune_prompt(self.model, self.adapter, inputs, self.ranker,
                                 budget if budget is not None else self.budget,
-                                self.vision_config.min_keep, drop)
+                                self.vision_config.min_keep, drop, features)
 
     def generate(self, inputs, max_new_tokens: int = 32, budget: BudgetRule | Sequence[BudgetRule] | None = None,
                  eviction: EvictionPolicy | None = None) -> Generation:

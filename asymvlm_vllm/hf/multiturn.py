@@ -160,10 +160,12 @@ def answer_token_spans(processor, messages: Sequence[dict], images: Sequence, in
     return spans
 
 
-def image_embeddings(vlm, inputs, images_per_message: Sequence[int]) -> Tensor:
+def image_embeddings(vlm, inputs, images_per_message: Sequence[int], features: Sequence[Tensor] | None = None) -> Tensor:
     """The projector outputs (N, D) of the current turn's images, or of all the conversation's
-    images when the current turn has none; structural rows (LLaVA-NeXT newlines) excluded."""
-    features = vlm.adapter.image_features(vlm.model, inputs)
+    images when the current turn has none; structural rows (LLaVA-NeXT newlines) excluded.
+    ``features``: the adapter's ``image_features`` of ``inputs`` if already computed."""
+    if features is None:
+        features = vlm.adapter.image_features(vlm.model, inputs)
     prunable = vlm.adapter.prunable_rows(vlm.model, inputs, features)
     rows = [f[mask] for f, mask in zip(features, prunable)]
     current = images_per_message[-1]
@@ -180,21 +182,22 @@ def chat(vlm, messages: Sequence[dict], images: Sequence, max_new_tokens: int = 
     ids = inputs["input_ids"][0]
     spans = answer_token_spans(vlm.processor, messages, images, ids)
     dropped: list[int] = []
-    drop = None
+    drop = features = None
     if multi_turn is not None and spans:
         if not images:
             raise AsymVLMError("the multi-turn rule ranks answers by similarity to the images; the conversation has none")
         vision = ids == vlm.adapter.image_token_id(vlm.model)
         token_embeddings = vlm.model.get_input_embeddings()(ids.masked_fill(vision, 0)[None])[0]
         per_message = [_image_count(m) for m in messages]
-        dropped = multi_turn.select_answers(spans, token_embeddings, image_embeddings(vlm, inputs, per_message))
+        features = vlm.adapter.image_features(vlm.model, inputs)  # once: pruning reuses them
+        dropped = multi_turn.select_answers(spans, token_embeddings, image_embeddings(vlm, inputs, per_message, features))
         mask = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in dropped:
             mask[spans[i][0]: spans[i][1]] = True
         if bool((mask & vision).any()):
             raise AsymVLMError("a dropped answer overlaps image tokens; the chat template is not supported")
         drop = [mask]
-    prompt = vlm.prune(inputs, budget, drop=drop)
+    prompt = vlm.prune(inputs, budget, drop=drop, features=features)
     generation = vlm.generate_from(prompt, max_new_tokens, eviction)
     return ChatGeneration(tokens=generation.tokens, prompt=generation.prompt, live_tokens=generation.live_tokens,
                           evicted_tokens=generation.evicted_tokens, trace=generation.trace,

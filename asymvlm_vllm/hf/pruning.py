@@ -134,6 +134,7 @@ def prune_prompt(
     budgets: BudgetRule | Sequence[BudgetRule],
     min_keep: int = 1,
     drop: Sequence[Tensor | None] | None = None,
+    features: Sequence[Tensor] | None = None,
 ) -> PrunedPrompt:
     """Build the pruned language-model input for a processor batch.
 
@@ -148,6 +149,8 @@ def prune_prompt(
     min_keep : int
     drop : optional, per sample a (T_b,) bool mask of further tokens to remove (the
         multi-turn rule's dropped answers), over the unpadded prompt.
+    features : optional, the adapter's ``image_features`` of ``inputs`` when the caller already
+        ran the vision tower (list of (P_i, D)).
     """
     input_ids = _rows(inputs, "input_ids")
     batch = input_ids.shape[0]
@@ -164,7 +167,9 @@ def prune_prompt(
     structure = adapter.structure_token_ids(model)
 
     has_images = any(k in inputs and inputs[k] is not None for k in ("pixel_values",))
-    features = adapter.image_features(model, inputs) if has_images else []
+    if features is None:
+        features = adapter.image_features(model, inputs) if has_images else []
+    features = list(features)
     prunable = adapter.prunable_rows(model, inputs, features) if features else []
     grids = adapter.grid_shapes(model, inputs, features) if features else []
     rope = adapter.rope_positions(model, inputs) if (adapter.uses_mrope and features) else None

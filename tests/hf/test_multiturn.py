@@ -19,7 +19,6 @@ ANSWERS = [
 ]
 
 
-
 def _conversation(image_in_current_turn: bool = False):
     """Three finished turns (images in the first and third) and the current question."""
     current = [{"type": "text", "text": "Which colour is the largest shape in the chart?"}]
@@ -159,3 +158,15 @@ def test_multi_turn_rule_needs_images(tiny_vlm):
     assert vlm.processor.tokenizer.decode(text_only.prompt.input_ids[0][start:end]).strip() == ANSWERS[0]
     with pytest.raises(AsymVLMError, match="has none"):
         vlm.chat(messages, [], max_new_tokens=2, multi_turn=MultiTurnEviction(answer_budget=0))
+
+
+def test_the_vision_tower_runs_once_per_chat_turn(tiny_vlm):
+    vlm = tiny_vlm("llava")
+    messages, images = _conversation()
+    calls = []
+    handle = vlm.model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        result = vlm.chat(messages, images, max_new_tokens=2, multi_turn=MultiTurnEviction(answer_budget=0))
+    finally:
+        handle.remove()
+    assert result.dropped_answers and len(calls) == 1
