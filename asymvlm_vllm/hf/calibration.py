@@ -21,7 +21,7 @@ import torch
 
 from ..core.budget import BudgetRule, LinearBudget, ThresholdBudget, UniformBudget, num_tokens_to_keep
 from ..core.errors import AsymVLMError
-from .fidelity import text_hidden_states
+from .fidelity import text_hidden_states, text_state_discrepancy
 
 __all__ = [
     "ANLS_THRESHOLD",
@@ -256,7 +256,8 @@ def evaluate_budgets(
             questions = [f"{q}\n{answer_instruction}" for q in questions]
         inputs = vlm.process(list(images), list(questions)).to(device)
         with torch.inference_mode():
-            full = vlm.prune(inputs, UniformBudget(1.0))
+            features = vlm.image_features(inputs)  # once per batch, for every budget
+            full = vlm.prune(inputs, UniformBudget(1.0), features=features)
             for b, i in enumerate(rows):
                 if len(full.images[b]) != 1:
                     raise AsymVLMError(f"sample {i} has {len(full.images[b])} images; calibration needs exactly one")
@@ -265,15 +266,14 @@ def evaluate_budgets(
             reference = None if task_metric else text_hidden_states(vlm.model, full)
             for column, budget in enumerate(budgets):
                 if task_metric:
-                    generation = vlm.generate(inputs, max_new_tokens=max_new_tokens, budget=budget)
-                    prompt = generation.prompt
+                    prompt = vlm.prune(inputs, budget, features=features)
+                    generation = vlm.generate_from(prompt, max_new_tokens)
                     texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in generation.tokens]
                     predictions[column].extend(texts)
                     scored = [_ANSWER_METRICS[objective](t, a) for t, a in zip(texts, answers)]
                 else:
-                    prompt = vlm.prune(inputs, budget)
-                    pruned = text_hidden_states(vlm.model, prompt)
-                    scored = [float((p.float() - r.float()).pow(2).mean()) for p, r in zip(pruned, reference)]
+                    prompt = vlm.prune(inputs, budget, features=features)
+                    scored = text_state_discrepancy(text_hidden_states(vlm.model, prompt), reference).tolist()
                 for b, i in enumerate(rows):
                     values[i, column] = scored[b]
                     decision = prompt.images[b][0].decision

@@ -229,11 +229,7 @@ def _check_keep_ratio(keep_ratio: float | None) -> None:
 
 
 def _prefill(model, prompt: PrunedPrompt) -> None:
-    kwargs = dict(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                  position_ids=prompt.position_ids, use_cache=False, logits_to_keep=1)
-    if prompt.token_type_ids is not None:
-        kwargs["token_type_ids"] = prompt.token_type_ids
-    model(**kwargs)
+    model(**prompt.model_inputs(), use_cache=False, logits_to_keep=1)
 
 
 def _median_prefill_seconds(model, unpruned: PrunedPrompt, pruned: PrunedPrompt, repetitions: int) -> tuple[float, float]:
@@ -320,8 +316,9 @@ def run_demo(
     vlm = PrunedVLM.from_pretrained(model_path, vision, dtype=_DTYPES[dtype])
 
     inputs = vlm.process([picture], [question])
-    pruned = vlm.prune(inputs)
-    unpruned = vlm.prune(inputs, budget=UniformBudget(1.0))
+    features = vlm.image_features(inputs)  # one vision-tower pass for both prompts
+    pruned = vlm.prune(inputs, features=features)
+    unpruned = vlm.prune(inputs, budget=UniformBudget(1.0), features=features)
     if unpruned.lm_lengths != pruned.prompt_lengths:
         raise RuntimeError(f"keep-all prompt has {unpruned.lm_lengths} tokens, the original {pruned.prompt_lengths}")
     generation = vlm.generate_from(pruned, max_new_tokens)

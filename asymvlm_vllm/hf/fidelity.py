@@ -13,18 +13,15 @@ import torch
 from torch import Tensor
 
 from ..core.budget import BudgetRule, UniformBudget
+from ..core.rankers import VisionTokenRanker
 from .pruning import PrunedPrompt, prune_prompt
 
-__all__ = ["last_hidden_states", "text_hidden_states", "hidden_state_discrepancy"]
+__all__ = ["hidden_state_discrepancy", "last_hidden_states", "text_hidden_states", "text_state_discrepancy"]
 
 
 def last_hidden_states(model, prompt: PrunedPrompt) -> Tensor:
     """Last-layer hidden states (after the final norm) of a pruned prompt: (B, T', D)."""
-    kwargs = dict(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                  position_ids=prompt.position_ids, use_cache=False)
-    if prompt.token_type_ids is not None:
-        kwargs["token_type_ids"] = prompt.token_type_ids
-    return model.model(**kwargs).last_hidden_state
+    return model.model(**prompt.model_inputs(), use_cache=False).last_hidden_state
 
 
 def text_hidden_states(model, prompt: PrunedPrompt) -> list[Tensor]:
@@ -36,29 +33,42 @@ def text_hidden_states(model, prompt: PrunedPrompt) -> list[Tensor]:
     out = []
     width = hidden.shape[1]
     for b, keep in enumerate(prompt.keep_masks):
-        vision = torch.zeros_like(keep)
-        for image in prompt.images[b]:
-            vision[image.positions] = True
-        text_in_kept = (~vision)[keep]  # over the kept tokens, in order
+        text_in_kept = (~prompt.vision_mask(b))[keep]  # over the kept tokens, in order
         offset = width - int(keep.sum())
         rows = text_in_kept.nonzero().flatten() + offset
         out.append(hidden[b, rows])
     return out
 
 
-def hidden_state_discrepancy(vlm, inputs, budget: BudgetRule | Sequence[BudgetRule]) -> Tensor:
-    """Mean squared difference (over text tokens and hidden dims) between the last hidden
-    states of the pruned and the unpruned prompt, per sample: (B,) float32.
+def text_state_discrepancy(pruned: Sequence[Tensor], reference: Sequence[Tensor]) -> Tensor:
+    """Per sample, the mean over text tokens and hidden dims of ``(h_pruned − h_full)²``.
+
+    Parameters
+    ----------
+    pruned, reference : per sample (L_b, D), from :func:`text_hidden_states`
+
+    Returns
+    -------
+    Tensor, shape (B,), float32
+    """
+    return torch.stack([(a.float() - b.float()).pow(2).mean() for a, b in zip(pruned, reference)])
+
+
+def hidden_state_discrepancy(vlm, inputs, budget: BudgetRule | Sequence[BudgetRule],
+                             ranker: VisionTokenRanker | None = None) -> Tensor:
+    """:func:`text_state_discrepancy` of the pruned prompt against the unpruned one: (B,) float32.
 
     Parameters
     ----------
     vlm : PrunedVLM
     inputs : BatchFeature
     budget : the budget rule(s) of the pruned run
+    ranker : optional, ranks the vision tokens instead of ``vlm.ranker``
     """
+    ranker = ranker if ranker is not None else vlm.ranker
     with torch.inference_mode():
-        full = prune_prompt(vlm.model, vlm.adapter, inputs, vlm.ranker, UniformBudget(1.0), 1)
-        pruned = prune_prompt(vlm.model, vlm.adapter, inputs, vlm.ranker, budget, vlm.vision_config.min_keep)
-        base = text_hidden_states(vlm.model, full)
-        cut = text_hidden_states(vlm.model, pruned)
-    return torch.stack([(a.float() - b.float()).pow(2).mean() for a, b in zip(cut, base)])
+        features = vlm.image_features(inputs)  # once, for both prompts
+        full = prune_prompt(vlm.model, vlm.adapter, inputs, ranker, UniformBudget(1.0), 1, features=features)
+        pruned = prune_prompt(vlm.model, vlm.adapter, inputs, ranker, budget, vlm.vision_config.min_keep,
+                              features=features)
+        return text_state_discrepancy(text_hidden_states(vlm.model, pruned), text_hidden_states(vlm.model, full))

@@ -43,9 +43,6 @@ class EvictingCache(DynamicCache):
     are re-packed to the left-padded layout the attention mask describes.
     """
 
-    def __init__(self):
-        super().__init__()
-
     def keep_entries(self, index: Tensor) -> None:
         """Keep, in every layer, the entries ``index`` of each sample, in that order.
 
@@ -250,11 +247,7 @@ def generate_from_prompt(
         raise ValueError("eviction needs an AttentionTap on the model")
     batch = prompt.inputs_embeds.shape[0]
     cache = EvictingCache() if eviction is not None else DynamicCache(config=model.config)
-    kwargs = dict(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                  position_ids=prompt.position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    if prompt.token_type_ids is not None:
-        kwargs["token_type_ids"] = prompt.token_type_ids
-    out = model(**kwargs)
+    out = model(**prompt.model_inputs(), past_key_values=cache, use_cache=True, logits_to_keep=1)
     mask = prompt.attention_mask
     positions = prompt.next_positions.clone()
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -275,7 +268,7 @@ def generate_from_prompt(
         # evicted or counted any more; unfinished rows are unaffected.
         feeding = ~done
         mask = torch.cat([mask, feeding.to(mask.dtype)[:, None]], dim=1)
-        for b in feeding.nonzero().flatten().tolist():
+        for b in (feeding.nonzero().flatten().tolist() if eviction is not None else ()):  # eviction bookkeeping
             states[b].stream_ids = torch.cat([states[b].stream_ids, torch.tensor([prompt_lengths[b] + step])])
         step_kwargs = dict(input_ids=nxt[:, None], attention_mask=mask, position_ids=_step_positions(positions, mrope),
                            past_key_values=cache, use_cache=True, logits_to_keep=1)

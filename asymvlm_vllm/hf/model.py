@@ -13,7 +13,7 @@ from ..core.config import AsymVLMConfig, VisionPruningConfig
 from ..core.errors import AsymVLMError
 from ..core.eviction import EvictionPolicy, MultiTurnEviction
 from ..core.rankers import VisionTokenRanker
-from .attention import ATTENTION_NAME, AttentionTap
+from .attention import AttentionTap
 from .families import adapter_for
 from .generation import Generation, generate_from_prompt
 from .multiturn import ChatGeneration
@@ -105,6 +105,12 @@ class PrunedVLM:
             texts.append(self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
         self.processor.tokenizer.padding_side = "left"
         return self.processor(text=texts, images=[[img] for img in images], return_tensors="pt", padding=True)
+
+    def image_features(self, inputs) -> list:
+        """Projector outputs per image of a processor batch, list of (P_i, D): run the vision
+        tower once and pass the result to several :meth:`prune` calls on the same inputs."""
+        with torch.inference_mode():
+            return self.adapter.image_features(self.model, inputs)
 
     def prune(self, inputs, budget: BudgetRule | Sequence[BudgetRule] | None = None,
               drop: Sequence | None = None, features: Sequence | None = None) -> PrunedPrompt:

@@ -165,7 +165,7 @@ def image_embeddings(vlm, inputs, images_per_message: Sequence[int], features: S
     images when the current turn has none; structural rows (LLaVA-NeXT newlines) excluded.
     ``features``: the adapter's ``image_features`` of ``inputs`` if already computed."""
     if features is None:
-        features = vlm.adapter.image_features(vlm.model, inputs)
+        features = vlm.image_features(inputs)
     prunable = vlm.adapter.prunable_rows(vlm.model, inputs, features)
     rows = [f[mask] for f, mask in zip(features, prunable)]
     current = images_per_message[-1]
@@ -189,7 +189,7 @@ def chat(vlm, messages: Sequence[dict], images: Sequence, max_new_tokens: int = 
         vision = ids == vlm.adapter.image_token_id(vlm.model)
         token_embeddings = vlm.model.get_input_embeddings()(ids.masked_fill(vision, 0)[None])[0]
         per_message = [_image_count(m) for m in messages]
-        features = vlm.adapter.image_features(vlm.model, inputs)  # once: pruning reuses them
+        features = vlm.image_features(inputs)  # once: pruning reuses them
         dropped = multi_turn.select_answers(spans, token_embeddings, image_embeddings(vlm, inputs, per_message, features))
         mask = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in dropped:

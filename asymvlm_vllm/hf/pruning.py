@@ -20,7 +20,7 @@ from ..core.rankers import VisionTokenRanker
 from ..core.selection import PruningDecision, decide_vision_pruning
 from .families import FamilyAdapter
 
-__all__ = ["ImageDecision", "PrunedPrompt", "prune_prompt"]
+__all__ = ["ImageDecision", "PrunedPrompt", "language_model_inputs", "prune_prompt"]
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,31 @@ class PrunedPrompt:
     def vision_tokens_kept(self) -> list[int]:
         return [sum(int(d.kept_rows.sum()) for d in imgs) for imgs in self.images]
 
+    def model_inputs(self) -> dict:
+        """The keyword arguments that feed this prompt to the model (no cache options)."""
+        return language_model_inputs(self.inputs_embeds, self.attention_mask, self.position_ids, self.token_type_ids)
+
+    def vision_mask(self, sample: int) -> Tensor:
+        """(T_b,) bool over sample ``sample``'s unpadded original prompt: its image rows."""
+        mask = torch.zeros_like(self.keep_masks[sample])
+        for image in self.images[sample]:
+            mask[image.positions] = True
+        return mask
+
     @property
     def kept_token_ids(self) -> list[Tensor]:
         """Each sample's prompt ids with the pruned placeholders removed (T'_b,)."""
         return [ids[m] for ids, m in zip(self.input_ids, self.keep_masks)]
+
+
+def language_model_inputs(inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                          token_type_ids: Tensor | None) -> dict:
+    """Model keyword arguments for prepared embeddings; ``token_type_ids`` only where the family
+    uses them (Gemma 3's bidirectional image attention)."""
+    kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    return kwargs
 
 
 def _rows(inputs, key: str) -> Tensor:
@@ -166,9 +187,8 @@ def prune_prompt(
     embed = model.get_input_embeddings()
     structure = adapter.structure_token_ids(model)
 
-    has_images = any(k in inputs and inputs[k] is not None for k in ("pixel_values",))
     if features is None:
-        features = adapter.image_features(model, inputs) if has_images else []
+        features = adapter.image_features(model, inputs) if inputs.get("pixel_values") is not None else []
     features = list(features)
     prunable = adapter.prunable_rows(model, inputs, features) if features else []
     grids = adapter.grid_shapes(model, inputs, features) if features else []

@@ -41,7 +41,7 @@ from ..core.scoring import score_vision_tokens
 from ..core.selection import soft_score_mask
 from .data import Sample, samples_fingerprint
 from .fidelity import hidden_state_discrepancy
-from .pruning import prune_prompt
+from .pruning import language_model_inputs, prune_prompt
 
 __all__ = [
     "MAX_ANSWER_TOKENS",
@@ -148,11 +148,8 @@ class TrainingPrompt:
     text_positions: Tensor
 
     def forward_kwargs(self) -> dict:
-        kwargs = dict(inputs_embeds=self.inputs_embeds, attention_mask=self.attention_mask,
-                      position_ids=self.position_ids, use_cache=False)
-        if self.token_type_ids is not None:
-            kwargs["token_type_ids"] = self.token_type_ids
-        return kwargs
+        return dict(language_model_inputs(self.inputs_embeds, self.attention_mask, self.position_ids,
+                                          self.token_type_ids), use_cache=False)
 
 
 def prepare_training_prompt(vlm, sample: Sample) -> TrainingPrompt:
@@ -181,10 +178,9 @@ def prepare_training_prompt(vlm, sample: Sample) -> TrainingPrompt:
     ids = prompt.input_ids[0]
     length, answer_len = int(ids.shape[0]), int(answer_ids.shape[1])
     embeds = prompt.inputs_embeds[:, -length:]  # batch 1: no left padding, but be exact
-    placeholders = torch.zeros(length, dtype=torch.bool, device=device)
+    placeholders = prompt.vision_mask(0)
     vision_positions, vision_rows = [], []
     for image in prompt.images[0]:
-        placeholders[image.positions] = True
         pos = image.positions[image.prunable.to(image.positions.device)]
         vision_positions.append(pos)
         vision_rows.append(embeds[0, pos].clone())
@@ -306,7 +302,7 @@ def heldout_discrepancy(vlm, samples: Sequence[Sample], weight: Tensor | None, k
 
     Parameters
     ----------
-    vlm : PrunedVLM (its ranker is swapped for the call and restored)
+    vlm : PrunedVLM (its own ranker is not used: ``weight`` ranks the tokens)
     samples : held-out samples
     weight : Tensor, shape (D,), or None for w = 1 (cosine)
     keep_ratio : float in (0, 1]
@@ -318,15 +314,10 @@ def heldout_discrepancy(vlm, samples: Sequence[Sample], weight: Tensor | None, k
     if not samples:
         raise AsymVLMError("heldout_discrepancy needs at least one sample")
     ranker = LearnedRanker(_weight_on(vlm, weight))
-    saved = vlm.ranker
-    vlm.ranker = ranker
-    try:
-        values = []
-        for sample in samples:
-            inputs = vlm.process([sample.load_image()], [sample.question]).to(vlm.model.device)
-            values.append(float(hidden_state_discrepancy(vlm, inputs, UniformBudget(keep_ratio))[0]))
-    finally:
-        vlm.ranker = saved
+    values = []
+    for sample in samples:
+        inputs = vlm.process([sample.load_image()], [sample.question]).to(vlm.model.device)
+        values.append(float(hidden_state_discrepancy(vlm, inputs, UniformBudget(keep_ratio), ranker)[0]))
     return float(np.mean(values))
 
 

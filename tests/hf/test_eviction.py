@@ -65,11 +65,7 @@ def plain_model(tiny_model_dirs):
 
 
 def _prefill_kwargs(prompt, cache):
-    kwargs = dict(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                  position_ids=prompt.position_ids, past_key_values=cache, use_cache=True)
-    if prompt.token_type_ids is not None:
-        kwargs["token_type_ids"] = prompt.token_type_ids
-    return kwargs
+    return dict(prompt.model_inputs(), past_key_values=cache, use_cache=True)
 
 
 def _step_kwargs(vlm, ids, mask, positions, cache):

@@ -74,10 +74,7 @@ def test_keep_all_is_token_identical_to_the_unmodified_model(tiny_vlm, family):
     # The first step's logits too, not only their argmax (random tiny models repeat tokens).
     with torch.inference_mode():
         prompt = vlm.prune(inputs, UniformBudget(1.0))
-        kwargs = dict(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask, position_ids=prompt.position_ids)
-        if prompt.token_type_ids is not None:
-            kwargs["token_type_ids"] = prompt.token_type_ids
-        logits = vlm.model(**kwargs).logits[0, -1]
+        logits = vlm.model(**prompt.model_inputs()).logits[0, -1]
     torch.testing.assert_close(logits, reference.logits[0][0], rtol=0, atol=1e-5)
 
 
@@ -132,10 +129,7 @@ def test_pruned_logits_match_hf_on_the_same_rows_removed(tiny_vlm, family):
         if family == "gemma3":  # bidirectional attention over the kept image span
             kwargs["token_type_ids"] = (ids[keep] == vlm.model.config.image_token_id).long()[None]
         expected = vlm.model(inputs_embeds=emb[keep][None], **kwargs).logits[0, -1]
-        kwargs = dict(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask, position_ids=prompt.position_ids)
-        if prompt.token_type_ids is not None:
-            kwargs["token_type_ids"] = prompt.token_type_ids
-        ours = vlm.model(**kwargs).logits[0, -1]
+        ours = vlm.model(**prompt.model_inputs()).logits[0, -1]
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
