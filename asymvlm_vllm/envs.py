@@ -2,6 +2,11 @@
 
 ``ASYMVLM_CACHE_DIR``
     Where ``asymvlm demo`` builds its tiny offline model (default ``~/.cache/asymvlm``).
+``VLLM_USE_V2_MODEL_RUNNER`` (vLLM's own)
+    Read and set by ``--plugin asymvlm`` on GPUs: AsymVLM runs on vLLM's V1 model runner, so
+    the plugin sets it to ``0`` and refuses to start when it is explicitly ``1``.
+``sys.argv`` (not a variable, but read the same way)
+    The plugin entry point acts only when the command line contains ``--plugin asymvlm``.
 """
 
 from __future__ import annotations
@@ -9,7 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cache_dir"]
+__all__ = ["V2_RUNNER_VARIABLE", "cache_dir", "select_v1_model_runner", "v2_model_runner_forced"]
+
+V2_RUNNER_VARIABLE = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 def cache_dir() -> Path:
@@ -19,3 +26,14 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "asymvlm"
+
+
+def v2_model_runner_forced() -> bool:
+    """Whether ``VLLM_USE_V2_MODEL_RUNNER`` explicitly asks for vLLM's Model Runner V2."""
+    value = os.environ.get(V2_RUNNER_VARIABLE)
+    return value is not None and value.strip().lower() in ("1", "true")
+
+
+def select_v1_model_runner() -> None:
+    """Set ``VLLM_USE_V2_MODEL_RUNNER=0`` for this process and the engine processes it starts."""
+    os.environ[V2_RUNNER_VARIABLE] = "0"

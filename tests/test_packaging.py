@@ -27,7 +27,9 @@ def test_distribution_metadata():
     dist = md.distribution("asymvlm-vllm")
     assert "vllm==0.33.0" in dist.requires
     assert dist.metadata["Requires-Python"] == ">=3.11"
-    assert [ep.value for ep in dist.entry_points if ep.name == "asymvlm"] == ["asymvlm_vllm.cli:main"]
+    entry_points = {(ep.group, ep.name): ep.value for ep in dist.entry_points}
+    assert entry_points[("console_scripts", "asymvlm")] == "asymvlm_vllm.cli:main"
+    assert entry_points[("vllm.general_plugins", "asymvlm")] == "asymvlm_vllm.engine.plugin:register"
 
 
 def test_kernels_are_installed_inside_the_package(tmp_path):

@@ -69,6 +69,22 @@ def test_only_the_hf_room_imports_transformers():
     assert offenders == []
 
 
+def test_only_the_engine_room_imports_vllm():
+    package = REPO / "asymvlm_vllm"
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in [*package.rglob("*.py"), *(REPO / "kernels").rglob("*.py")]
+        if "vllm" in _imported_top_levels(path) and package / "engine" not in path.parents
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("module", ["asymvlm_vllm.engine", "asymvlm_vllm.engine.protocol", "asymvlm_vllm.engine.plugin"])
+def test_the_engine_room_loads_vllm_only_when_used(module):
+    # vLLM imports the plugin module in every process it starts; it must stay cheap.
+    assert "vllm" not in _loaded_after_import(module)
+
+
 def test_building_the_cli_parser_stays_light():
     code = (
         "import sys, json; from asymvlm_vllm.cli import build_parser; build_parser(); "

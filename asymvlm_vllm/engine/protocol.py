@@ -1,0 +1,82 @@
+"""What the AsymVLM scheduler and model runner tell each other, as plain picklable data.
+
+The scheduler attaches a :class:`StepPlan` to each ``SchedulerOutput`` (attribute
+``asymvlm``); the runner attaches ``{request_id: RequestDecision}`` to its
+``ModelRunnerOutput`` (attribute ``asymvlm_decisions``). Extra attributes survive the
+pickling of the multiprocess executor, and under tensor parallelism every rank receives the
+same plan, so every rank applies the one decision that rank 0 returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ImageDecision", "Materialize", "ProbeSpec", "RequestDecision", "StepPlan"]
+
+
+@dataclass
+class ProbeSpec:
+    """Decide these images of a request in this step (its encoder inputs run in it)."""
+
+    features: list[int]
+    """Indices into the request's ``mm_features``."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """:class:`~asymvlm_vllm.core.request_options.RequestOptions` as a dict."""
+
+
+@dataclass
+class Materialize:
+    """How to build a pruned encoder-cache entry: rows ``keep_rows`` of ``source``'s
+    ``num_rows`` encoder-output rows (from the cached source, or by slicing a fresh encoder
+    output of ``num_rows`` rows stored under the pruned identifier)."""
+
+    source: str
+    keep_rows: list[int]
+    num_rows: int
+
+
+@dataclass
+class StepPlan:
+    """The scheduler's AsymVLM instructions for one step (``SchedulerOutput.asymvlm``)."""
+
+    probes: dict[str, ProbeSpec] = field(default_factory=dict)
+    materialize: dict[str, Materialize] = field(default_factory=dict)
+    """Pruned identifier → how to build it; applied before the step frees encoder outputs."""
+    mrope: dict[str, tuple[list[list[int]], int]] = field(default_factory=dict)
+    """Request id → (kept tokens' original (3, T') M-RoPE positions, position delta), for
+    requests (re)admitted in this step after pruning."""
+
+    def __bool__(self) -> bool:
+        return bool(self.probes or self.materialize or self.mrope)
+
+
+@dataclass
+class ImageDecision:
+    """One image's decision. ``keep_rows`` index its encoder-output rows and always include
+    the structural rows (e.g. LLaVA-NeXT newlines)."""
+
+    feature: int
+    num_rows: int
+    num_prunable: int
+    keep_rows: list[int]
+    gap: float
+    keep_ratio: float
+
+    @property
+    def num_kept(self) -> int:
+        return len(self.keep_rows)
+
+
+@dataclass
+class RequestDecision:
+    """The runner's answer to a :class:`ProbeSpec` (``ModelRunnerOutput.asymvlm_decisions``)."""
+
+    images: list[ImageDecision] = field(default_factory=list)
+    mrope_positions: list[list[int]] | None = None
+    """The unpruned prompt's (3, T) M-RoPE positions, for M-RoPE models."""
+    mrope_next_position: int | None = None
+    """Position of the first generated token of the unpruned prompt."""
+    scoring_seconds: float = 0.0
+    error: str | None = None
+    """Why no decision could be made; the request then runs unpruned."""

@@ -1,0 +1,321 @@
+"""The AsymVLM scheduler: probe → decide → rewrite, before KV blocks are allocated.
+
+vLLM fixes an image's placeholder count in its processor and allocates KV blocks for all of
+them. AsymVLM's kept count depends on the encoder output and the question, so a request with
+images goes through three stages:
+
+1. **Probe.** Its first step schedules only the text before its first image (at least one
+   token) together with *all* its image encoder inputs, and asks the runner to decide
+   (:class:`~asymvlm_vllm.engine.protocol.ProbeSpec` in ``SchedulerOutput.asymvlm``). The
+   request is then held — scheduled for 0 tokens — until the decision arrives, which matters
+   for async scheduling, where the next step is planned before this one's output is back.
+2. **Decide.** The runner scores the vision rows against the prompt's text and returns the
+   kept rows per image (``ModelRunnerOutput.asymvlm_decisions``).
+3. **Rewrite.** The scheduler releases the request's KV blocks, rewrites its prompt to the
+   pruned length (new placeholder spans, new encoder-cache identifiers carrying a digest of
+   the keep set, recomputed block hashes) and re-queues it as a new request: it is
+   re-admitted with KV for the kept tokens only, its pruned embeddings waiting in the
+   encoder cache. If every image keeps all rows there is nothing to rewrite and the request
+   simply continues.
+
+Requests without images, and everything when AsymVLM is off, follow vLLM's own path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from vllm.multimodal.inputs import PlaceholderRange
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreEventType
+from vllm.v1.request import Request, RequestStatus
+
+from ..core.prompt_rewrite import PlaceholderSpan, pruned_identifier, rewrite_prompt
+from ..core.request_options import RequestOptionsError, request_options_from_extra_args
+from .families import family_for
+from .protocol import Materialize, ProbeSpec, RequestDecision, StepPlan
+from .settings import asymvlm_config_from
+
+__all__ = ["AsymVLMAsyncScheduler", "AsymVLMScheduler", "RequestPruning"]
+
+logger = logging.getLogger("vllm.asymvlm")  # under "vllm": vLLM's handlers and VLLM_LOGGING_LEVEL apply
+
+_NEW, _PROBING, _PRUNED, _DONE = "new", "probing", "pruned", "done"
+
+
+@dataclass
+class RequestPruning:
+    """The scheduler's record of one image request."""
+
+    phase: str
+    options: dict[str, Any]
+    outcome: dict[str, Any] = field(default_factory=dict)
+    probe_started: float | None = None
+    pruned: dict[str, Materialize] = field(default_factory=dict)
+    """Pruned identifier → how the runner builds its embeddings."""
+    mrope: tuple[list[list[int]], int] | None = None
+
+
+def _spans(request: Request) -> list[PlaceholderSpan]:
+    spans = []
+    for feature in request.mm_features:
+        position = feature.mm_position
+        is_embed = None if position.is_embed is None else tuple(bool(x) for x in position.is_embed.tolist())
+        spans.append(PlaceholderSpan(position.offset, position.length, is_embed))
+    return spans
+
+
+class AsymVLMScheduler(Scheduler):
+    """vLLM's scheduler with AsymVLM's probe → decide → rewrite for image requests.
+
+    Constructed with ``async_scheduling`` on, it is an :class:`AsymVLMAsyncScheduler`, so
+    ``--scheduler-cls`` names this one class for both modes.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if cls is AsymVLMScheduler:
+            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+            if vllm_config is not None and vllm_config.scheduler_config.async_scheduling:
+                cls = AsymVLMAsyncScheduler
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asymvlm_config = asymvlm_config_from(self.vllm_config)
+        model_config = self.vllm_config.model_config
+        self._family = family_for(model_config.hf_config) if model_config is not None else None
+        self._pruning: dict[str, RequestPruning] = {}
+        self._step_probes: dict[str, list[int]] = {}
+        self._pending_materialize: dict[str, Materialize] = {}
+        self._missing_decision_warned = False
+        if self.asymvlm_config.vision.enabled and self._family is None and model_config is not None:
+            logger.warning("AsymVLM: %s is not a supported architecture; requests run unpruned",
+                           getattr(model_config.hf_config, "architectures", None))
+
+    # ------------------------------------------------------------------ bookkeeping
+    def asymvlm_state(self, request_id: str) -> RequestPruning | None:
+        """AsymVLM's record of a live request (None for requests it does not touch)."""
+        return self._pruning.get(request_id)
+
+    def add_request(self, request: Request) -> None:
+        images = [f for f in (request.mm_features or []) if f.modality == "image"]
+        if images and self.asymvlm_config.vision.enabled:
+            outcome = {"vision_tokens": sum(f.mm_position.get_num_embeds() for f in images),
+                       "prompt_tokens": request.num_prompt_tokens}
+            state = RequestPruning(_NEW, {}, outcome)
+            extra = request.sampling_params.extra_args if request.sampling_params is not None else None
+            try:
+                options = request_options_from_extra_args(extra)
+            except RequestOptionsError as e:
+                # The front end's validator answers HTTP 400 before this; requests that reach
+                # the engine another way run unpruned and say why.
+                self._finish_record(state, "invalid_options", str(e))
+            else:
+                state.options = options.model_dump()
+                if not options.enabled:
+                    self._finish_record(state, "off")
+                elif self._family is None:
+                    self._finish_record(state, "unsupported_model")
+                elif any(f.modality != "image" for f in request.mm_features):
+                    self._finish_record(state, "unsupported_modality")
+            self._pruning[request.request_id] = state
+        super().add_request(request)
+
+    def _finish_record(self, state: RequestPruning, status: str, reason: str | None = None) -> None:
+        state.phase = _DONE
+        state.outcome["status"] = status
+        state.outcome.setdefault("vision_tokens_kept", state.outcome.get("vision_tokens", 0))
+        if reason:
+            state.outcome["reason"] = reason
+
+    # ------------------------------------------------------------------ probe and hold
+    def _try_schedule_encoder_inputs(self, request, num_computed_tokens, num_new_tokens,
+                                     encoder_compute_budget, shift_computed_tokens=0):
+        state = self._pruning.get(request.request_id)
+        if state is not None and state.phase == _PROBING:
+            return [], 0, encoder_compute_budget, [], []
+        if state is None or state.phase != _NEW or num_new_tokens == 0:
+            return super()._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens,
+                                                        encoder_compute_budget, shift_computed_tokens)
+        first_offset = request.mm_features[0].mm_position.offset
+        if num_computed_tokens > first_offset:
+            # A prefix-cache hit already holds KV for part of the unpruned image (an earlier
+            # request ran it unpruned): reuse it rather than recompute.
+            self._finish_record(state, "prefix_cached", "a prefix-cache hit covers the image")
+            return super()._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens,
+                                                        encoder_compute_budget, shift_computed_tokens)
+        to_end = request.num_prompt_tokens - num_computed_tokens
+        need = sum(f.mm_position.get_num_embeds() for f in request.mm_features)
+        if need > min(self.max_num_encoder_input_tokens, self.encoder_cache_manager.cache_size):
+            self._finish_record(state, "too_large", f"its images' {need} encoder tokens exceed one step's encoder budget")
+            return super()._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens,
+                                                        encoder_compute_budget, shift_computed_tokens)
+        cache = self.encoder_cache_manager
+        referenced = set(cache.get_cached_input_ids(request))
+        scheduled, covered, budget, external, duplicate = super()._try_schedule_encoder_inputs(
+            request, num_computed_tokens, to_end, encoder_compute_budget, shift_computed_tokens)
+        if covered < to_end or external:
+            # Not every image can be encoded this step: run the text before the first image
+            # (if any) and probe later. vLLM's method took references on images it found
+            # cached; give them back, or a request that waits would pin them.
+            for index in set(cache.get_cached_input_ids(request)) - referenced:
+                cache.free_encoder_input(request, index)
+            before = max(0, min(num_new_tokens, first_offset - num_computed_tokens))
+            return [], before, encoder_compute_budget, [], []
+        self._step_probes[request.request_id] = list(range(len(request.mm_features)))
+        probe_tokens = max(1, min(num_new_tokens, first_offset - num_computed_tokens))
+        return scheduled, probe_tokens, budget, external, duplicate
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        self._step_probes = {}
+        output = super().schedule(*args, **kwargs)
+        plan = StepPlan()
+        now = time.monotonic()
+        for request_id, features in self._step_probes.items():
+            state = self._pruning.get(request_id)
+            if request_id in output.num_scheduled_tokens and state is not None and state.phase == _NEW:
+                state.phase = _PROBING
+                state.probe_started = now
+                plan.probes[request_id] = ProbeSpec(features, dict(state.options))
+        self._step_probes = {}
+        plan.materialize, self._pending_materialize = self._pending_materialize, {}
+        for request_id, features in output.scheduled_encoder_inputs.items():
+            state = self._pruning.get(request_id)
+            if state is None or not state.pruned:
+                continue
+            request = self.requests[request_id]
+            for index in features:
+                identifier = request.mm_features[index].identifier
+                if identifier in state.pruned:
+                    plan.materialize.setdefault(identifier, state.pruned[identifier])
+        for new_request in output.scheduled_new_reqs:
+            state = self._pruning.get(new_request.req_id)
+            if state is not None and state.mrope is not None:
+                plan.mrope[new_request.req_id] = state.mrope
+        output.asymvlm = plan
+        return output
+
+    # ------------------------------------------------------------------ decide → rewrite
+    def update_from_output(self, scheduler_output, model_runner_output):
+        decisions = getattr(model_runner_output, "asymvlm_decisions", None) or {}
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        plan = getattr(scheduler_output, "asymvlm", None)
+        for request_id in (plan.probes if plan else ()):
+            decision = decisions.get(request_id)
+            if decision is None:
+                decision = RequestDecision(error="the model runner returned no decision (is the AsymVLM worker installed? see --worker-cls)")
+                if not self._missing_decision_warned:
+                    logger.warning("AsymVLM: %s", decision.error)
+                    self._missing_decision_warned = True
+            self._apply_decision(request_id, decision)
+        return outputs
+
+    def _apply_decision(self, request_id: str, decision: RequestDecision) -> None:
+        state = self._pruning.get(request_id)
+        request = self.requests.get(request_id)
+        if state is None or request is None or state.phase != _PROBING or request.is_finished():
+            return  # aborted while probing: the runner kept nothing for it
+        state.outcome["probe_seconds"] = time.monotonic() - (state.probe_started or time.monotonic())
+        state.outcome["scoring_seconds"] = decision.scoring_seconds
+        if decision.error is not None:
+            self._finish_record(state, "error", decision.error)
+            return
+        images = {d.feature: d for d in decision.images}
+        state.outcome["images"] = [
+            {"tokens": d.num_rows, "kept": d.num_kept, "gap": round(d.gap, 6), "keep_ratio": d.keep_ratio}
+            for d in decision.images
+        ]
+        state.outcome["vision_tokens_kept"] = (
+            state.outcome["vision_tokens"] - sum(d.num_rows - d.num_kept for d in decision.images))
+        changed = {i: d.keep_rows for i, d in images.items() if d.num_kept < d.num_rows}
+        if not changed:
+            state.phase = _DONE
+            state.outcome["status"] = "pruned"
+            state.outcome["prompt_tokens_prefilled"] = request.num_prompt_tokens
+            return
+        if request.num_output_tokens:
+            self._finish_record(state, "error", "the request produced output before its decision")
+            return
+        if request.status == RequestStatus.RUNNING:
+            self._release(request)
+        elif request.status == RequestStatus.PREEMPTED:
+            # Preempted while probing: it waits without KV; it must come back as a new request.
+            request.status = RequestStatus.WAITING
+        elif request.status != RequestStatus.WAITING:
+            self._finish_record(state, "error", f"request in state {request.status.name} at decision time")
+            return
+        self._rewrite(request, state, changed, decision)
+
+    def _release(self, request: Request) -> None:
+        """Give back the request's KV blocks and encoder-cache references and queue it as a new
+        request. vLLM's own preemption does this; the event and the preemption count it adds
+        are taken back, because this is not memory pressure."""
+        self.running.remove(request)
+        num_events = len(request.events)
+        self._preempt_request(request, time.monotonic())
+        request.num_preemptions -= 1
+        if len(request.events) > num_events and request.events[-1].type == EngineCoreEventType.PREEMPTED:
+            request.events.pop()
+        request.status = RequestStatus.WAITING
+
+    def _rewrite(self, request: Request, state: RequestPruning, keep_rows: dict[int, list[int]],
+                 decision: RequestDecision) -> None:
+        original_length = request.num_prompt_tokens
+        rewritten = rewrite_prompt(request.prompt_token_ids, _spans(request), keep_rows)
+        features = []
+        for index, (feature, span) in enumerate(zip(request.mm_features, rewritten.spans)):
+            is_embed = None if span.is_embed is None else torch.tensor(span.is_embed, dtype=torch.bool)
+            position = PlaceholderRange(offset=span.offset, length=span.length, is_embed=is_embed)
+            if index in keep_rows:
+                rows = list(keep_rows[index])
+                num_rows = feature.mm_position.get_num_embeds()
+                identifier = pruned_identifier(feature.identifier, rows, num_rows)
+                state.pruned[identifier] = Materialize(feature.identifier, rows, num_rows)
+                features.append(replace(feature, identifier=identifier, mm_position=position))
+            else:
+                features.append(replace(feature, mm_position=position))
+        # A new list: in-process, the front end shares the original one.
+        request.prompt_token_ids = list(rewritten.prompt_token_ids)
+        request._all_token_ids[:] = rewritten.prompt_token_ids  # all_token_ids is a view of it
+        request.num_prompt_tokens = len(rewritten.prompt_token_ids)
+        request.mm_features = features
+        request.block_hashes.clear()
+        request.update_block_hashes()
+        if decision.mrope_positions is not None and decision.mrope_next_position is not None:
+            kept = [[axis[p] for p in rewritten.kept_positions] for axis in decision.mrope_positions]
+            state.mrope = (kept, decision.mrope_next_position - request.num_prompt_tokens)
+        # Register the pruned embeddings as cached so that re-admission gathers them instead
+        # of running the encoder again; the runner builds them from the full output next step.
+        cache = self.encoder_cache_manager
+        for index in keep_rows:
+            identifier = request.mm_features[index].identifier
+            if identifier in cache.cached:
+                cache.check_and_update_cache(request, index)
+            elif cache.can_allocate(request, index, 1 << 40, 0):
+                cache.allocate(request, index)
+                self._pending_materialize[identifier] = state.pruned[identifier]
+        state.phase = _PRUNED
+        state.outcome.update(status="pruned", prompt_tokens_prefilled=request.num_prompt_tokens)
+        logger.debug("AsymVLM: request %s: vision tokens %d -> %d, prompt %d -> %d tokens, images %s",
+                     request.request_id, state.outcome["vision_tokens"], state.outcome["vision_tokens_kept"],
+                     original_length, request.num_prompt_tokens, state.outcome["images"])
+
+    # ------------------------------------------------------------------ finish
+    def _free_request(self, request: Request, *args: Any, **kwargs: Any):
+        kv_transfer_params, ec_transfer_params = super()._free_request(request, *args, **kwargs)
+        state = self._pruning.pop(request.request_id, None)
+        if state is not None:
+            if state.phase in (_NEW, _PROBING):
+                state.outcome.setdefault("status", "unfinished")
+            state.outcome.setdefault("vision_tokens_kept", state.outcome.get("vision_tokens", 0))
+            kv_transfer_params = {**(kv_transfer_params or {}), "asymvlm": dict(state.outcome)}
+        return kv_transfer_params, ec_transfer_params
+
+
+class AsymVLMAsyncScheduler(AsymVLMScheduler, AsyncScheduler):
+    """:class:`AsymVLMScheduler` over vLLM's :class:`AsyncScheduler` (the GPU default)."""

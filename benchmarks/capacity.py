@@ -1,0 +1,273 @@
+"""Serving capacity on an H200-sized KV pool: plain vLLM vs AsymVLM, with vLLM's real scheduler.
+
+vLLM's own scheduler, KV cache manager and block pool (and, for AsymVLM, its
+:class:`~asymvlm_vllm.engine.scheduler.AsymVLMScheduler`) serve ``--requests`` Phi-3.5-V-shaped
+requests that all arrive at once: ``--image-tokens`` image placeholders between a
+``--prefix-tokens`` chat-template prefix and a question (``--text-tokens`` text in all), and
+``--output-tokens`` generated tokens each. The model runner is
+:class:`~asymvlm_vllm.engine.simulation.SimulatedRunner` (no GPU, no weights): it samples one
+token per finished prefill or decode step and answers each probe with a keep set, either a
+fixed keep ratio (``uniform`` budget rule) or *adaptive*: the default
+:class:`~asymvlm_vllm.core.budget.ThresholdBudget` of ``asymvlm_vllm.core.config`` applied
+to importance gaps drawn from the paper's N(0.218, 0.047).
+
+KV pool (vLLM's ``gpu_memory_utilization`` share of the GPU, less the weights)::
+
+    bytes_per_token = 2 (K, V) x layers x kv_heads x head_dim x dtype_bytes
+                    = 2 x 32 x 32 x 96 x 2 = 393,216 B        (Phi-3.5-V, bf16)
+    num_blocks      = floor((utilization x gpu_memory - weights) / (block_size x bytes_per_token))
+                    = floor((0.9 x 141e9 - 8e9) / (16 x 393,216)) = 18,898 blocks (302,368 tokens)
+
+Reported per scenario, each also as a ratio to plain vLLM measured in the same run:
+
+* ``peak_running``: most requests running at once with their whole prompt in KV (generating);
+  ``peak_running_queue`` is vLLM's running queue, which also holds requests that have only
+  their first text tokens (chunked prefill admits them) or are probing;
+* ``steps``: scheduler steps until every request is done;
+* ``blocks_per_request``: KV blocks per request (each request's peak during its life,
+  averaged), and ``pool_capacity`` = usable blocks / that, the requests the pool holds at once;
+* ``prefill_flops``: from the measured prompt lengths (``core.flops.prefill_flops``,
+  Phi-3.5-V's language model: d = 3,072, m = 8,192, 32 layers; the vision encoder runs in both
+  and is not counted);
+* also ``peak_blocks_in_use``, ``scheduled_tokens`` (probe prefix and recomputation after
+  preemption included), ``preemptions`` and ``mean_finish_step``.
+
+Which resource binds depends on the load: with 10 output tokens and 8,192 batched tokens a step,
+prefill compute and the encoder cache (vLLM sizes it to ``max_num_batched_tokens``) bind before
+the KV pool does; ``--output-tokens 256`` makes the KV pool the limit; ``--encoder-cache-size``
+sets the encoder cache.
+
+    .venv/bin/python benchmarks/capacity.py [--quick] [--requests N] [--out FILE] [--png FILE]
+
+Scheduler arithmetic only: the step counts are not times (a pruned prefill step is also
+cheaper on a GPU, which this does not measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # before vLLM is imported: no GPU needed
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Phi-3.5-vision-instruct's language model (Phi-3-mini).
+LAYERS, KV_HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE, DTYPE_BYTES = 32, 32, 96, 3072, 8192, 2
+
+
+def kv_pool_blocks(gpu_memory_gb: float, utilization: float, weights_gb: float, block_size: int) -> int:
+    """Blocks of ``block_size`` tokens that fit ``utilization x gpu_memory - weights`` (decimal GB)."""
+    bytes_per_token = 2 * LAYERS * KV_HEADS * HEAD_DIM * DTYPE_BYTES
+    return int((utilization * gpu_memory_gb * 1e9 - weights_gb * 1e9) // (block_size * bytes_per_token))
+
+
+SCENARIOS = [
+    ("plain vLLM", None, None),
+    ("keep 75%", {"vision": {"budget": {"rule": "uniform", "ratio": 0.75}}}, 0.75),
+    ("keep 65%", {"vision": {"budget": {"rule": "uniform", "ratio": 0.65}}}, 0.65),
+    ("keep 50%", {"vision": {"budget": {"rule": "uniform", "ratio": 0.5}}}, 0.5),
+    ("adaptive", {}, None),  # the default ThresholdBudget, gaps from the paper's distribution
+]
+
+
+def run_scenario(args, num_blocks: int, asymvlm_config: dict | None) -> dict:
+    import numpy as np
+
+    from asymvlm_vllm.core.flops import prefill_flops
+    from asymvlm_vllm.engine.simulation import SimulatedRunner, build_scheduler, drive, make_request
+
+    sched = build_scheduler(num_blocks, args.block_size, asymvlm_config, max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_num_seqs=args.max_num_seqs, encoder_cache_size=args.encoder_cache_size,
+                            max_model_len=args.image_tokens + args.text_tokens + args.output_tokens + 16)
+    runner = SimulatedRunner(sched, keep_ratio=None if asymvlm_config is not None else 1.0, rng_seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    requests = []
+    for i in range(args.requests):
+        words = [1, 32010, 29871, 13][: args.prefix_tokens]  # "<s><|user|>\n"-like: shared by every request
+        words = [w % 900 + 10 for w in words] + rng.integers(10, 900, args.text_tokens - len(words)).tolist()
+        requests.append(make_request(sched, f"req{i:05d}", words, images=[(args.prefix_tokens, args.image_tokens, f"image{i:05d}")],
+                                     max_tokens=args.output_tokens))
+    finish_step: dict[str, int] = {}
+
+    def after_update(step, so, outputs):
+        for engine_outputs in outputs.values():
+            for out in engine_outputs.outputs:
+                if out.finish_reason is not None:
+                    finish_step[out.request_id] = step
+
+    started = time.perf_counter()
+    result = drive(sched, runner, requests, after_update=after_update)
+    seconds = time.perf_counter() - started
+    assert len(result.finished) == args.requests and not sched.requests
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == num_blocks - 1
+
+    kept = []
+    statuses: dict[str, int] = {}
+    for request_id, out in result.finished.items():
+        outcome = (out.kv_transfer_params or {}).get("asymvlm")
+        kept.append(outcome["vision_tokens_kept"] if outcome else args.image_tokens)
+        status = outcome["status"] if outcome else "plain"
+        statuses[status] = statuses.get(status, 0) + 1
+    flops = sum(prefill_flops(k + args.text_tokens, HIDDEN, INTERMEDIATE, LAYERS) for k in kept)
+    return {
+        "peak_running": result.peak_decoding,
+        "peak_running_queue": result.peak_running,
+        "peak_blocks_in_use": result.peak_blocks_in_use,
+        "steps": result.num_steps,
+        "model_steps": result.num_model_steps,
+        "blocks_per_request": float(np.mean([result.peak_blocks[r.request_id] for r in requests])),
+        "pool_capacity": int((num_blocks - 1) // np.mean([result.peak_blocks[r.request_id] for r in requests])),
+        "vision_tokens_kept_mean": float(np.mean(kept)),
+        "prefill_flops": float(flops),
+        "scheduled_tokens": int(sum(result.scheduled_tokens.values())),
+        "preemptions": int(sum(r.num_preemptions for r in requests)),
+        "mean_finish_step": float(np.mean(list(finish_step.values()))),
+        "statuses": statuses,
+        "wall_seconds": round(seconds, 2),
+    }
+
+
+def _environment() -> dict:
+    import vllm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("ASYMVLM_BENCH_COMMIT", "unknown")
+    return {"device": f"cpu ({os.cpu_count()} cores), scheduler only", "vllm": vllm.__version__,
+            "python": platform.python_version(), "commit": commit,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+RATIOS = [("peak_running", "peak running"), ("steps", "steps to drain"),
+          ("blocks_per_request", "KV blocks / request"), ("prefill_flops", "prefill FLOPs")]
+
+
+def chart_title(row: dict) -> str:
+    return (f"Ratio to plain vLLM: {row['requests']} requests ({row['image_tokens']} image + {row['text_tokens']} text "
+            f"tokens, {row['output_tokens']} out), {row['num_blocks']} KV blocks, encoder cache {row['encoder_cache_size']}")
+
+
+def save_chart(rows: list[dict], path: Path, title: str = "Capacity vs plain vLLM") -> Path:
+    """Grouped bars: each metric's ratio to plain vLLM, one colour per scenario (Pillow only)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    def font(size):
+        try:
+            return ImageFont.load_default(size=size)
+        except (TypeError, OSError):
+            return ImageFont.load_default()
+
+    width, height = 900, 480
+    left, top, right, bottom = 70, 60, 880, 400
+    colors = [(140, 140, 140), (70, 130, 180), (60, 170, 110), (230, 140, 30), (190, 60, 60)]
+    values = [[row[f"{key}_ratio"] for key, _ in RATIOS] for row in rows]
+    top_value = max(2.0, math.ceil(max(max(v) for v in values) * 2) / 2)
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    small, label = font(13), font(15)
+    draw.text((left, 15), title, fill=(0, 0, 0), font=label)
+
+    def y_of(v: float) -> float:
+        return bottom - (bottom - top) * v / top_value
+
+    step = 0.5 if top_value <= 4 else 1.0
+    tick = 0.0
+    while tick <= top_value + 1e-9:
+        y = y_of(tick)
+        draw.line([(left, y), (right, y)], fill=(225, 225, 225) if tick else (0, 0, 0))
+        draw.text((left - 40, y - 7), f"{tick:.1f}", fill=(0, 0, 0), font=small)
+        tick += step
+    draw.line([(left, y_of(1.0)), (right, y_of(1.0))], fill=(0, 0, 0), width=1)
+    group = (right - left) / len(RATIOS)
+    bar = group * 0.8 / len(rows)
+    for g, (_, name) in enumerate(RATIOS):
+        x0 = left + g * group + group * 0.1
+        for s, row in enumerate(rows):
+            v = values[s][g]
+            x = x0 + s * bar
+            draw.rectangle([x, y_of(v), x + bar - 2, bottom], fill=colors[s % len(colors)])
+            draw.text((x, y_of(v) - 15), f"{v:.2f}", fill=(0, 0, 0), font=font(10))
+        draw.text((x0, bottom + 8), name, fill=(0, 0, 0), font=small)
+    for s, row in enumerate(rows):
+        x = left + s * 165
+        draw.rectangle([x, bottom + 40, x + 14, bottom + 54], fill=colors[s % len(colors)])
+        draw.text((x + 20, bottom + 40), row["scenario"], fill=(0, 0, 0), font=small)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="benchmarks/capacity.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="60 requests, 64 output tokens, a pool of 8 plain requests' worth (KV-bound; seconds)")
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--image-tokens", type=int, default=2300)
+    parser.add_argument("--text-tokens", type=int, default=36, help="text tokens in the prompt (prefix included)")
+    parser.add_argument("--prefix-tokens", type=int, default=4, help="text tokens before the image")
+    parser.add_argument("--output-tokens", type=int, default=10)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--gpu-memory-gb", type=float, default=141.0)
+    parser.add_argument("--utilization", type=float, default=0.9)
+    parser.add_argument("--weights-gb", type=float, default=8.0)
+    parser.add_argument("--num-blocks", type=int, default=None, help="override the computed KV pool")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument("--encoder-cache-size", type=int, default=None,
+                        help="encoder-cache capacity in embeddings (default: max-num-batched-tokens, as vLLM)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json", help="JSON list the rows are appended to")
+    parser.add_argument("--png", type=Path, default=RESULTS / "capacity.png")
+    args = parser.parse_args(argv)
+    num_blocks = args.num_blocks or kv_pool_blocks(args.gpu_memory_gb, args.utilization, args.weights_gb, args.block_size)
+    if args.quick:
+        args.requests = min(args.requests, 60)
+        args.output_tokens = 64
+        per_request = math.ceil((args.image_tokens + args.text_tokens + args.output_tokens) / args.block_size)
+        num_blocks = args.num_blocks or 8 * per_request + 1
+
+    env = _environment()
+    common = {**env, "requests": args.requests, "num_blocks": num_blocks, "block_size": args.block_size,
+              "image_tokens": args.image_tokens, "text_tokens": args.text_tokens, "output_tokens": args.output_tokens,
+              "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs,
+              "encoder_cache_size": args.encoder_cache_size or args.max_num_batched_tokens, "quick": args.quick}
+    rows = []
+    for name, config, ratio in SCENARIOS:
+        metrics = run_scenario(args, num_blocks, config)
+        rows.append({**common, "scenario": name, "keep_ratio": ratio, **metrics})
+        print(f"{name:>11}: peak running {metrics['peak_running']:5d}  running queue {metrics['peak_running_queue']:5d}  "
+              f"blocks in use {metrics['peak_blocks_in_use']:6d}  steps {metrics['steps']:6d}  "
+              f"blocks/request {metrics['blocks_per_request']:7.1f}  kept {metrics['vision_tokens_kept_mean']:7.1f}  "
+              f"preemptions {metrics['preemptions']:5d}  ({metrics['wall_seconds']} s)", flush=True)
+    base = rows[0]
+    for row in rows:
+        for key in ("peak_running", "steps", "blocks_per_request", "pool_capacity", "prefill_flops", "scheduled_tokens",
+                    "mean_finish_step"):
+            row[f"{key}_ratio"] = row[key] / base[key]
+
+    print(f"\n{'scenario':>11} | kept/image | peak running | steps to drain | KV blocks/request | prefill FLOPs")
+    for row in rows:
+        print(f"{row['scenario']:>11} | {row['vision_tokens_kept_mean']:10.0f} | {row['peak_running']:5d} ({row['peak_running_ratio']:.2f}x) | "
+              f"{row['steps']:6d} ({row['steps_ratio']:.2f}x) | {row['blocks_per_request']:7.1f} ({row['blocks_per_request_ratio']:.2f}x) | "
+              f"{row['prefill_flops_ratio']:.3f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(args.out.read_text()) if args.out.exists() else []
+    args.out.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    save_chart(rows, args.png, chart_title(rows[0]))
+    print(f"wrote {len(rows)} rows to {args.out} and a chart to {args.png}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,188 @@
+"""Helpers for engine-level tests: the real vLLM engine, in-process, on CPU, with tiny models.
+
+Importing this module prepares the process (idempotent, see :func:`configure_cpu_engine_env`),
+so it must be imported before vLLM is; ``tests/engine/conftest.py`` does that at collection.
+vLLM itself is imported lazily, inside the helpers.
+
+Example::
+
+    from tests.engine.helpers import chat_messages, engine_image, free_llm, greedy_params, make_llm, num_free_blocks
+
+    llm = make_llm(model_dir)                      # ~6 s in-process
+    free0 = num_free_blocks(llm)
+    out = llm.chat([chat_messages(engine_image(0), "Describe the image.")], greedy_params(8))
+    tokens = list(out[0].outputs[0].token_ids)
+    assert num_free_blocks(llm) == free0
+    free_llm(llm)
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ENGINE_ENV", "SHIM_DIR", "block_pool", "chat_messages", "configure_cpu_engine_env", "engine_core",
+    "engine_image", "free_llm", "generated_tokens", "greedy_params", "make_llm", "model_runner", "num_free_blocks",
+    "scheduler", "subprocess_env",
+]
+
+SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# CPU platform; 1 GiB of KV cache; no hub; the engine core in this process (so tests can reach the
+# scheduler and the model runner, and start-up takes ~6 s instead of ~30 s).
+ENGINE_ENV = {
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+
+
+def configure_cpu_engine_env() -> None:
+    """Set :data:`ENGINE_ENV` (without overriding what the caller set), put the TEST-ONLY CPU-op
+    shim on ``sys.path`` (vLLM then finds its ``vllm.general_plugins`` entry point) and register
+    it right away as well. Idempotent; call before vLLM is imported."""
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+    shim = str(SHIM_DIR)
+    if shim not in sys.path:
+        sys.path.insert(0, shim)
+    import asymvlm_test_cpu_shim
+
+    asymvlm_test_cpu_shim.register()
+
+
+def subprocess_env(base: dict | None = None) -> dict:
+    """Environment for a child process that runs vLLM (e.g. ``vllm serve``): :data:`ENGINE_ENV`
+    plus ``PYTHONPATH`` with the shim folder (its entry point loads it there, and in the engine
+    core process that ``vllm serve`` always starts) and the repo root. Variables already in
+    ``base`` (default: ``os.environ``) win, except ``PYTHONPATH``, which is prepended to."""
+    env = dict(os.environ if base is None else base)
+    for key, value in ENGINE_ENV.items():
+        env.setdefault(key, value)
+    parts = [str(SHIM_DIR), str(REPO_ROOT)]
+    if env.get("PYTHONPATH"):
+        parts.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    return env
+
+
+configure_cpu_engine_env()
+_TORCH_SET_NUM_THREADS = torch.set_num_threads  # vLLM's CPU worker monkey-patches it
+
+
+# ---------------------------------------------------------------- engine construction
+
+
+def make_llm(model_dir, **overrides):
+    """A ``vllm.LLM`` for a tiny model on CPU with the test defaults; ``overrides`` win.
+
+    Defaults: eager, float32, 512-token context, 4 sequences, 512 batched tokens, block size 32
+    (CPU needs a multiple of 32), seed 0, no custom ops (pure-torch paths), up to 2 images per
+    prompt, prefix caching on.
+    """
+    from vllm import LLM
+
+    threads = torch.get_num_threads()
+    kwargs = dict(
+        model=str(model_dir), enforce_eager=True, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=512,
+        dtype="float32", block_size=32, seed=0, compilation_config={"custom_ops": ["none"]},
+        limit_mm_per_prompt={"image": 2}, enable_prefix_caching=True,
+    )
+    kwargs.update(overrides)
+    llm = LLM(**kwargs)
+    llm._asymvlm_test_threads = threads  # restored by free_llm
+    return llm
+
+
+def free_llm(llm) -> None:
+    """Shut an in-process LLM down and release its memory (model, KV cache, process group), so
+    that the next :func:`make_llm` in this process starts clean. Drop your own references too.
+
+    Also undoes what vLLM's CPU worker does to the whole (pytest) process: it replaces
+    ``torch.set_num_threads`` with a no-op and drops torch to one thread. (It also seeds
+    ``random``/``numpy``/``torch`` globally with the engine seed; that is not undone.)
+    """
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    threads = getattr(llm, "_asymvlm_test_threads", None)
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+        gc.collect()
+        torch.set_num_threads = _TORCH_SET_NUM_THREADS
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- reaching the engine's parts
+
+
+def engine_core(llm):
+    """The in-process ``EngineCore`` (needs ``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    client = llm.llm_engine.engine_core
+    core = getattr(client, "engine_core", None)
+    if core is None:
+        raise RuntimeError(f"{type(client).__name__} has no in-process engine core; "
+                           "set VLLM_ENABLE_V1_MULTIPROCESSING=0 before the LLM is built")
+    return core
+
+
+def scheduler(llm):
+    """The engine core's scheduler (``vllm.v1.core.sched.scheduler.Scheduler`` or a subclass)."""
+    return engine_core(llm).scheduler
+
+
+def model_runner(llm):
+    """The driver worker's model runner (``CPUModelRunner`` or a subclass)."""
+    return engine_core(llm).model_executor.driver_worker.worker.model_runner
+
+
+def block_pool(llm):
+    """The scheduler's KV ``BlockPool``."""
+    return scheduler(llm).kv_cache_manager.block_pool
+
+
+def num_free_blocks(llm) -> int:
+    return block_pool(llm).get_num_free_blocks()
+
+
+# ---------------------------------------------------------------- requests
+
+
+def engine_image(seed: int = 0, height: int = 224, width: int = 224):
+    """A deterministic noise image with flat rectangles (``tests/hf/conftest.py:random_image``).
+    224 x 224 gives 64 image tokens for every tiny family but LLaVA-NeXT (88)."""
+    from tests.hf.conftest import random_image
+
+    return random_image(seed, height, width)
+
+
+def chat_messages(image, question: str) -> list[dict]:
+    """One user turn in OpenAI style for ``LLM.chat``: the image(s) (a PIL image, a list of them,
+    or None for a text-only turn) first, then the question."""
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    content = [{"type": "image_pil", "image_pil": img} for img in images]
+    content.append({"type": "text", "text": question})
+    return [{"role": "user", "content": content}]
+
+
+def greedy_params(max_tokens: int = 8, **kwargs):
+    """``SamplingParams`` for exactly ``max_tokens`` greedy tokens (EOS ignored)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
+
+
+def generated_tokens(outputs) -> list[list[int]]:
+    """The generated token ids of each ``RequestOutput`` (first completion)."""
+    return [list(o.outputs[0].token_ids) for o in outputs]

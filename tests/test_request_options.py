@@ -1,0 +1,57 @@
+"""Per-request AsymVLM options from ``vllm_xargs`` (``SamplingParams.extra_args``)."""
+
+import pytest
+
+from asymvlm_vllm.core.budget import LinearBudget, ThresholdBudget, UniformBudget
+from asymvlm_vllm.core.request_options import RequestOptions, RequestOptionsError, request_options_from_extra_args
+
+THRESHOLD = ThresholdBudget(gap_low=0.1, gap_high=0.2, ratio_conservative=0.6, ratio_moderate=0.4, ratio_aggressive=0.2)
+
+
+def test_no_options_means_the_configured_rule():
+    options = request_options_from_extra_args(None)
+    assert options == RequestOptions()
+    assert options.budget_rule(THRESHOLD) is THRESHOLD
+    assert request_options_from_extra_args({"other_plugin_key": 3}) == RequestOptions()
+
+
+@pytest.mark.parametrize("value, enabled", [("on", True), ("off", False), ("OFF", False), (True, True), (0, False)])
+def test_on_off(value, enabled):
+    assert request_options_from_extra_args({"asymvlm": value}).enabled is enabled
+
+
+def test_keep_ratio_gives_a_uniform_rule():
+    rule = request_options_from_extra_args({"asymvlm_keep_ratio": "0.5"}).budget_rule(THRESHOLD)
+    assert rule == UniformBudget(ratio=0.5)
+
+
+@pytest.mark.parametrize("tier, ratio", [("conservative", 0.6), ("moderate", 0.4), ("aggressive", 0.2)])
+def test_a_tier_fixes_the_ratio_of_the_configured_rule(tier, ratio):
+    assert request_options_from_extra_args({"asymvlm_budget": tier}).budget_rule(THRESHOLD).keep_ratio(0.5) == ratio
+    linear = LinearBudget(target_ratio=0.4, slope=-1.0, gap_mean=0.2, min_ratio=0.2, max_ratio=0.6)
+    assert request_options_from_extra_args({"asymvlm_budget": tier}).budget_rule(linear).keep_ratio(0.5) == ratio
+
+
+@pytest.mark.parametrize("extra, names", [
+    ({"asymvlm_keep_ratio": 1.5}, "asymvlm_keep_ratio"),
+    ({"asymvlm_keep_ratio": 0}, "asymvlm_keep_ratio"),
+    ({"asymvlm_keep_ratio": "lots"}, "asymvlm_keep_ratio"),
+    ({"asymvlm_keep_ratio": float("nan")}, "asymvlm_keep_ratio"),
+    ({"asymvlm_keep_ratio": True}, "asymvlm_keep_ratio"),
+    ({"asymvlm_min_keep": 0}, "asymvlm_min_keep"),
+    ({"asymvlm_min_keep": 2.5}, "asymvlm_min_keep"),
+    ({"asymvlm_budget": "tiny"}, "asymvlm_budget"),
+    ({"asymvlm": "maybe"}, "asymvlm"),
+    ({"asymvlm_keepratio": 0.5}, "asymvlm_keepratio"),
+    ({"asymvlm": "off", "asymvlm_keep_ratio": 0.5}, "off"),
+    ({"asymvlm_keep_ratio": 0.5, "asymvlm_budget": "moderate"}, "not both"),
+])
+def test_bad_options_name_the_key(extra, names):
+    with pytest.raises(RequestOptionsError, match=names):
+        request_options_from_extra_args(extra)
+
+
+def test_options_round_trip_through_extra_args():
+    options = RequestOptions(keep_ratio=0.3, min_keep=4)
+    assert request_options_from_extra_args(options.to_extra_args()) == options
+    assert RequestOptions().to_extra_args() == {}
