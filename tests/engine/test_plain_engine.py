@@ -187,7 +187,6 @@ def test_shim_loads_through_vllm_in_a_fresh_process():
             "load_general_plugins()\n"
             "import sys\n"
             "torch.ops._C.cpu_attention_with_kv_cache\n"
-            "assert sys.modules['cutlass'] is None\n"
             "print('SHIM-OK')\n")
     env = subprocess_env({k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,

@@ -587,4 +587,4 @@ def test_requests_held_back_from_probing_do_not_pin_cached_images(async_scheduli
         assert_drained(sched, 64)
 
     run(None)  # plain vLLM
-    run(UNIFORM_HALF)  # raises RuntimeError("drive: not done after 200 steps") today
+    run(UNIFORM_HALF)  # hung before the fix: RuntimeError("drive: not done after 200 steps")
