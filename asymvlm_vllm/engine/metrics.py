@@ -5,7 +5,8 @@ The scheduler (engine-core process) attaches the outcome to a request's final ou
 engine core to the front end and on to the OpenAI response. The front end reads it where it
 processes each engine output: :func:`install_output_hook` wraps vLLM's
 ``OutputProcessor._update_stats_from_output`` (called for every output, with or without
-``--disable-log-stats``) once, in the API-server process, only when AsymVLM is enabled. The
+``--disable-log-stats``) once, when the front end loads AsymVLM's request validator (which only an AsymVLM engine
+configures, by ``--plugin asymvlm`` or the explicit flags). The
 metrics live in the default Prometheus registry, which vLLM's ``/metrics`` serves.
 
 =====================================  ==========  ==============================================

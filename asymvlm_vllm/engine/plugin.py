@@ -141,7 +141,6 @@ def asymvlm_engine_args(model: str | os.PathLike | None = None,
         processors.append(VALIDATOR)
     out["logits_processors"] = processors
     _select_v1_runner()
-    install_front_end_metrics()
     return out
 
 
@@ -156,12 +155,6 @@ def _select_v1_runner() -> None:
     if v2_model_runner_forced():
         raise ConfigError(f"AsymVLM runs on vLLM's V1 model runner; unset {V2_RUNNER_VARIABLE} or set it to 0")
     select_v1_model_runner()
-
-
-def install_front_end_metrics() -> None:
-    from .metrics import install_output_hook
-
-    install_output_hook()
 
 
 def _extend_cli() -> None:

@@ -8,7 +8,7 @@
   not loaded at all; a scorer that does not fit the model stops start-up.
 
 ``register()`` patches ``EngineArgs.add_cli_args`` / ``from_cli_args`` (and
-``install_front_end_metrics`` wraps ``OutputProcessor._update_stats_from_output``) for the
+importing ``asymvlm_vllm.engine.validation`` wraps ``OutputProcessor._update_stats_from_output``) for the
 whole process; the ``cli`` fixture saves and restores all of it, so that later in-process
 engines in this pytest run see plain vLLM.
 
