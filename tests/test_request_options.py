@@ -15,14 +15,16 @@ def test_no_options_means_the_configured_rule():
     assert request_options_from_extra_args({"other_plugin_key": 3}) == RequestOptions()
 
 
-@pytest.mark.parametrize("value, enabled", [("on", True), ("off", False), ("OFF", False), (True, True), (0, False)])
+@pytest.mark.parametrize("value, enabled", [("on", True), ("off", False)])
 def test_on_off(value, enabled):
     assert request_options_from_extra_args({"asymvlm": value}).enabled is enabled
 
 
-def test_keep_ratio_gives_a_uniform_rule():
-    rule = request_options_from_extra_args({"asymvlm_keep_ratio": "0.5"}).budget_rule(THRESHOLD)
-    assert rule == UniformBudget(ratio=0.5)
+@pytest.mark.parametrize("value", [1, 0.5])
+def test_keep_ratio_gives_a_uniform_rule(value):
+    rule = request_options_from_extra_args({"asymvlm_keep_ratio": value}).budget_rule(THRESHOLD)
+    assert rule == UniformBudget(ratio=value)
+    assert request_options_from_extra_args({"asymvlm_min_keep": 2**20}).min_keep == 2**20
 
 
 @pytest.mark.parametrize("tier, ratio", [("conservative", 0.6), ("moderate", 0.4), ("aggressive", 0.2)])
@@ -45,6 +47,22 @@ def test_a_tier_fixes_the_ratio_of_the_configured_rule(tier, ratio):
     ({"asymvlm_keepratio": 0.5}, "asymvlm_keepratio"),
     ({"asymvlm": "off", "asymvlm_keep_ratio": 0.5}, "off"),
     ({"asymvlm_keep_ratio": 0.5, "asymvlm_budget": "moderate"}, "not both"),
+    # Types are strict: what a JSON client sends is taken at its word, never coerced.
+    ({"asymvlm": "yes"}, "asymvlm: must be the string 'on' or 'off'"),
+    ({"asymvlm": "OFF"}, "asymvlm: must be the string 'on' or 'off'"),
+    ({"asymvlm": 1}, "asymvlm: must be the string 'on' or 'off'"),
+    ({"asymvlm": True}, "asymvlm: must be the string 'on' or 'off'"),
+    ({"asymvlm": None}, "asymvlm: must be the string 'on' or 'off'"),
+    ({"asymvlm_keep_ratio": "0.5"}, "asymvlm_keep_ratio: must be a JSON number"),
+    ({"asymvlm_keep_ratio": [0.5]}, "asymvlm_keep_ratio: must be a JSON number"),
+    ({"asymvlm_min_keep": "32"}, "asymvlm_min_keep: must be a JSON integer"),
+    ({"asymvlm_min_keep": 1.0}, "asymvlm_min_keep: must be a JSON integer"),
+    ({"asymvlm_min_keep": True}, "asymvlm_min_keep: must be a JSON integer"),
+    ({"asymvlm_min_keep": 2**64 - 1}, "asymvlm_min_keep: must be an integer in"),
+    ({"asymvlm_min_keep": 2**20 + 1}, "asymvlm_min_keep: must be an integer in"),
+    ({"asymvlm_keep_ratio": 0.5, "asymvlm_budget": "adaptive"}, "not both"),
+    ({"asymvlm": "off", "asymvlm_budget": "adaptive"}, "off"),
+    ({"asymvlm_budget": 3}, "asymvlm_budget"),
 ])
 def test_bad_options_name_the_key(extra, names):
     with pytest.raises(RequestOptionsError, match=names):

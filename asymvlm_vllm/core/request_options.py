@@ -7,11 +7,11 @@ message naming the key (the server answers HTTP 400), never silently ignored.
 ==========================  ===============================================================
 key                         value
 ==========================  ===============================================================
-``asymvlm``                 ``"on"`` (default) or ``"off"``: prune this request or not
-``asymvlm_keep_ratio``      a number in (0, 1]: keep this fraction of every image's tokens
+``asymvlm``                 the string ``"on"`` (default) or ``"off"``: prune this request or not
+``asymvlm_keep_ratio``      a JSON number in (0, 1]: keep this fraction of every image's tokens
 ``asymvlm_budget``          ``"adaptive"`` (the configured rule, default) or a fixed tier of
                             it: ``"conservative"``, ``"moderate"``, ``"aggressive"``
-``asymvlm_min_keep``        an integer ≥ 1: never keep fewer tokens per image
+``asymvlm_min_keep``        a JSON integer in [1, 2**20]: never keep fewer tokens per image
 ==========================  ===============================================================
 """
 
@@ -28,6 +28,8 @@ from .errors import AsymVLMError, format_validation_error
 __all__ = ["RequestOptions", "RequestOptionsError", "request_options_from_extra_args"]
 
 PREFIX = "asymvlm"
+MAX_MIN_KEEP = 1 << 20
+"""Largest ``asymvlm_min_keep``: far above any image's token count, far below integer overflow."""
 _KEYS = {
     "asymvlm": "enabled",
     "asymvlm_keep_ratio": "keep_ratio",
@@ -53,27 +55,19 @@ class RequestOptions(BaseModel):
     @field_validator("enabled", mode="before")
     @classmethod
     def _on_off(cls, value: Any) -> bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("on", "true", "1", "yes"):
-            return True
-        if isinstance(value, str) and value.lower() in ("off", "false", "0", "no"):
-            return False
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"must be 'on' or 'off', got {value!r}")
+        # Strict: a JSON client that sends true, 1 or "yes" may mean something else; say so.
+        if value in ("on", "off") and isinstance(value, str):
+            return value == "on"
+        raise ValueError(f"must be the string 'on' or 'off', got {value!r}")
 
     @field_validator("keep_ratio", mode="before")
     @classmethod
     def _ratio(cls, value: Any) -> Any:
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"must be a number in (0, 1], got {value!r}")
-        try:
-            ratio = float(value)
-        except ValueError:
-            raise ValueError(f"must be a number in (0, 1], got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a JSON number in (0, 1], got {value!r}")
+        ratio = float(value)
         if not (math.isfinite(ratio) and 0.0 < ratio <= 1.0):
             raise ValueError(f"must be a number in (0, 1], got {value!r}")
         return ratio
@@ -83,18 +77,18 @@ class RequestOptions(BaseModel):
     def _integer(cls, value: Any) -> Any:
         if value is None:
             return None
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"must be an integer >= 1, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"must be an integer >= 1, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a JSON integer in [1, {MAX_MIN_KEEP}], got {value!r}")
+        if not 1 <= value <= MAX_MIN_KEEP:
+            raise ValueError(f"must be an integer in [1, {MAX_MIN_KEEP}], got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> RequestOptions:
-        if not self.enabled and (self.keep_ratio is not None or self.budget != "adaptive" or self.min_keep is not None):
+        given = self.model_fields_set
+        if not self.enabled and given - {"enabled"}:
             raise ValueError("asymvlm is 'off' for this request but other asymvlm_* options are set")
-        if self.keep_ratio is not None and self.budget != "adaptive":
+        if self.keep_ratio is not None and "budget" in given:
             raise ValueError("set either asymvlm_keep_ratio or asymvlm_budget, not both")
         return self
 

@@ -1,13 +1,17 @@
 """Prometheus metrics of the API server, from each finished request's AsymVLM outcome.
 
-The scheduler (engine-core process) attaches the outcome to a request's final output as
-``kv_transfer_params["asymvlm"]``; that is the one per-request field vLLM carries from the
-engine core to the front end and on to the OpenAI response. The front end reads it where it
-processes each engine output: :func:`install_output_hook` wraps vLLM's
-``OutputProcessor._update_stats_from_output`` (called for every output, with or without
-``--disable-log-stats``) once, when the front end loads AsymVLM's request validator (which only an AsymVLM engine
-configures, by ``--plugin asymvlm`` or the explicit flags). The
-metrics live in the default Prometheus registry, which vLLM's ``/metrics`` serves.
+The scheduler (engine-core process) sends a request's outcome as
+``kv_transfer_params["asymvlm"]`` on the request's first output after it is known, and again
+on its final output; ``kv_transfer_params`` is the one per-request field vLLM carries from the
+engine core to the front end and on to the OpenAI response. The front end may finish a
+request itself (a stop string, found while detokenizing) or abort it (a client that
+disconnects); then no final output comes from the engine. So :func:`install_output_hook`
+wraps vLLM's ``RequestState.make_request_output``, the one place every way of finishing
+passes through: it keeps the latest outcome a request was sent, hands it out only with the
+finished output (intermediate streaming chunks carry none), and records it in the metrics
+once. The hook is installed when the front end loads AsymVLM's request validator (which only
+an AsymVLM engine configures, by ``--plugin asymvlm`` or the explicit flags). The metrics live
+in the default Prometheus registry, which vLLM's ``/metrics`` serves.
 
 =====================================  ==========  ==============================================
 name                                   type        meaning
@@ -38,6 +42,7 @@ METRIC_NAMES = (
     "asymvlm_scoring_seconds",
 )
 
+_KEY = "asymvlm"
 _lock = threading.Lock()
 _metrics: dict[str, Any] | None = None
 _hook_installed = False
@@ -85,16 +90,25 @@ def install_output_hook() -> None:
     with _lock:
         if _hook_installed:
             return
-        from vllm.v1.engine.output_processor import OutputProcessor
+        from vllm.v1.engine.output_processor import RequestState
 
-        original = OutputProcessor._update_stats_from_output
+        original = RequestState.make_request_output
 
         @functools.wraps(original)
-        def update_stats_from_output(self, req_state, engine_core_output, engine_core_timestamp, iteration_stats):
-            params = engine_core_output.kv_transfer_params
-            if params and engine_core_output.finish_reason is not None and isinstance(params.get("asymvlm"), dict):
-                observe_outcome(params["asymvlm"])
-            return original(self, req_state, engine_core_output, engine_core_timestamp, iteration_stats)
+        def make_request_output(self, new_token_ids, pooling_output, finish_reason, stop_reason,
+                                kv_transfer_params=None, *args, **kwargs):
+            if kv_transfer_params and isinstance(kv_transfer_params.get(_KEY), dict):
+                self.asymvlm_outcome = kv_transfer_params[_KEY]
+                if finish_reason is None:
+                    rest = {k: v for k, v in kv_transfer_params.items() if k != _KEY}
+                    kv_transfer_params = rest or None
+            outcome = getattr(self, "asymvlm_outcome", None)
+            if finish_reason is not None and outcome is not None:
+                self.asymvlm_outcome = None  # a request is counted once
+                kv_transfer_params = {**(kv_transfer_params or {}), _KEY: outcome}
+                observe_outcome(outcome)
+            return original(self, new_token_ids, pooling_output, finish_reason, stop_reason,
+                            kv_transfer_params, *args, **kwargs)
 
-        OutputProcessor._update_stats_from_output = update_stats_from_output
+        RequestState.make_request_output = make_request_output
         _hook_installed = True

@@ -16,6 +16,7 @@ and turns them into vLLM's own explicit arguments (:func:`asymvlm_engine_args`):
     --worker-cls asymvlm_vllm.engine.worker.AsymVLMWorker          (CPU: AsymVLMCPUWorker)
     --logits-processors asymvlm_vllm.engine.validation:AsymVLMRequestValidator
     --additional-config '{"asymvlm": {...the validated config...}}'
+    --middleware asymvlm_vllm.engine.http.StrictRequestOptions       (vllm serve)
     VLLM_USE_V2_MODEL_RUNNER=0                                      (GPU)
 
 Without ``--plugin asymvlm`` on the command line, ``register`` does nothing at all, so an
@@ -209,4 +210,10 @@ def _apply_cli_flags(args: Any) -> None:
     for key, value in engine_args.items():
         if key != "model":
             setattr(args, key, value)
+    if hasattr(args, "middleware"):  # the OpenAI server's arguments
+        from .http import MIDDLEWARE_QUALNAME
+
+        middleware = list(args.middleware or [])
+        if MIDDLEWARE_QUALNAME not in middleware:
+            args.middleware = [*middleware, MIDDLEWARE_QUALNAME]
     args._asymvlm_applied = True

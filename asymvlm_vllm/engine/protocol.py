@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.budget import num_tokens_to_keep
+
 __all__ = ["ImageDecision", "Materialize", "ProbeSpec", "RequestDecision", "StepPlan"]
 
 
@@ -22,7 +24,8 @@ class ProbeSpec:
     features: list[int]
     """Indices into the request's ``mm_features``."""
     options: dict[str, Any] = field(default_factory=dict)
-    """:class:`~asymvlm_vllm.core.request_options.RequestOptions` as a dict."""
+    """The request's options in their ``vllm_xargs`` form
+    (:meth:`~asymvlm_vllm.core.request_options.RequestOptions.to_extra_args`)."""
 
 
 @dataclass
@@ -61,11 +64,28 @@ class ImageDecision:
     num_prunable: int
     keep_rows: list[int]
     gap: float
-    keep_ratio: float
+    budget_ratio: float
+    """The budget rule's ratio for ``gap``; ``min_keep`` may have raised the count above it."""
 
     @property
     def num_kept(self) -> int:
         return len(self.keep_rows)
+
+    @property
+    def num_kept_prunable(self) -> int:
+        return self.num_kept - (self.num_rows - self.num_prunable)
+
+    @property
+    def keep_ratio(self) -> float:
+        """What was actually kept: kept prunable rows / prunable rows (1.0 with none)."""
+        return self.num_kept_prunable / self.num_prunable if self.num_prunable else 1.0
+
+    def outcome(self) -> dict:
+        """This image's entry in a request's outcome."""
+        floor = self.num_kept_prunable > num_tokens_to_keep(self.num_prunable, self.budget_ratio, 0)
+        return {"tokens": self.num_rows, "kept": self.num_kept, "gap": round(self.gap, 6),
+                "keep_ratio": round(self.keep_ratio, 6), "budget_ratio": self.budget_ratio,
+                "min_keep_applied": floor}
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ..core.budget import BudgetRule
 from ..core.config import AsymVLMConfig
 from ..core.errors import AsymVLMError
 from ..core.positions import text_query_mask
-from ..core.request_options import RequestOptions
+from ..core.request_options import RequestOptions, request_options_from_extra_args
 from ..core.selection import decide_vision_pruning
 from .families import VisionFamily, family_for
 from .protocol import ImageDecision, Materialize, RequestDecision, StepPlan
@@ -117,6 +117,8 @@ class AsymVLMRunnerMixin:
         self._asymvlm_plan: StepPlan | None = None
         self._asymvlm_keep: dict[str, Materialize] = {}
         self._asymvlm_pending: dict[str, RequestDecision] = {}
+        self._asymvlm_unmaterialized: set[str] = set()
+        self._asymvlm_generator_states: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
 
     def load_model(self, *args: Any, **kwargs: Any):
         result = super().load_model(*args, **kwargs)
@@ -132,9 +134,15 @@ class AsymVLMRunnerMixin:
         if self._asymvlm_plan is not None:
             self._asymvlm_keep.update(self._asymvlm_plan.materialize)
             for identifier, how in self._asymvlm_plan.materialize.items():
-                self._materialize(identifier, how)
+                try:
+                    self._materialize(identifier, how)
+                except Exception:
+                    logger.exception("AsymVLM: building pruned embeddings %s failed; the encoder runs again", identifier)
+                if identifier not in self.encoder_cache:
+                    self._asymvlm_unmaterialized.add(identifier)
         for identifier in scheduler_output.free_encoder_mm_hashes:
             self._asymvlm_keep.pop(identifier, None)
+            self._asymvlm_unmaterialized.discard(identifier)
         return super()._update_states(scheduler_output)
 
     def _materialize(self, identifier: str, how: Materialize) -> None:
@@ -145,10 +153,28 @@ class AsymVLMRunnerMixin:
             index = torch.tensor(how.keep_rows, dtype=torch.long, device=source.device)
             self.encoder_cache[identifier] = source.index_select(0, index)
 
+    def _batch_mm_inputs_from_scheduler(self, scheduler_output: Any):
+        mm_hashes, mm_kwargs, mm_lora_refs = super()._batch_mm_inputs_from_scheduler(scheduler_output)
+        if self._asymvlm_unmaterialized:
+            # The scheduler counts these pruned entries as cached, but building them from the
+            # full output failed (or found no full output): encode the image again and let
+            # _cache_encoder_output slice it, rather than fail the step at the gather.
+            for req_id in scheduler_output.num_scheduled_tokens:
+                req_state = self.requests.get(req_id)
+                for feature in (req_state.mm_features if req_state is not None else ()):
+                    identifier = feature.identifier
+                    if (identifier in self._asymvlm_unmaterialized and identifier not in self.encoder_cache
+                            and identifier not in mm_hashes and feature.data is not None):
+                        mm_hashes.append(identifier)
+                        mm_kwargs.append((feature.modality, feature.data))
+                        mm_lora_refs.append((req_id, feature.mm_position))
+        return mm_hashes, mm_kwargs, mm_lora_refs
+
     def _cache_encoder_output(self, mm_hash: str, output: torch.Tensor, *args: Any, **kwargs: Any):
         how = self._asymvlm_keep.get(mm_hash)
         if how is not None and output.shape[0] == how.num_rows and len(how.keep_rows) != how.num_rows:
             output = output.index_select(0, torch.tensor(how.keep_rows, dtype=torch.long, device=output.device))
+        self._asymvlm_unmaterialized.discard(mm_hash)
         return super()._cache_encoder_output(mm_hash, output, *args, **kwargs)
 
     def _init_mrope_positions(self, req_state: Any):
@@ -180,15 +206,46 @@ class AsymVLMRunnerMixin:
                 decision = decide_request(
                     self.model, self._asymvlm_family, self.asymvlm_config, self._asymvlm_ranker,
                     list(state.prompt_token_ids), list(state.mm_features), list(spec.features),
-                    self.encoder_cache, RequestOptions.model_validate(spec.options), self.device,
+                    self.encoder_cache, request_options_from_extra_args(spec.options), self.device,
                 )
         except (AsymVLMError, ValueError) as e:
             return RequestDecision(error=str(e))
+        except Exception as e:  # one request's failure must not take the engine down
+            logger.exception("AsymVLM: deciding request %s failed; it runs unpruned", request_id)
+            return RequestDecision(error=f"deciding failed: {type(e).__name__}: {e}")
         if decision.error is None and self._asymvlm_family.uses_mrope and state.mrope_positions is not None:
             positions = state.mrope_positions[:, : len(state.prompt_token_ids)]
             decision.mrope_positions = positions.tolist()
             decision.mrope_next_position = len(state.prompt_token_ids) + int(state.mrope_position_delta)
         return decision
+
+    # -------------------------------------------------------------- seeded sampling
+    def _sample(self, *args: Any, **kwargs: Any):
+        # A probe step is a partial prefill whose sampled token vLLM discards; it then rewinds
+        # the request's generator by its Philox offset, which CPU generators do not have
+        # ("CPU Generator does not use offset"). Keep their state here and restore it instead.
+        num_reqs = self.input_batch.num_reqs
+        saved = self._asymvlm_generator_states
+        saved.clear()
+        for index in self.discard_request_mask.np[:num_reqs].nonzero()[0].tolist():
+            generator = self.input_batch.generators.get(index)
+            if generator is not None and generator.device.type == "cpu":
+                saved[index] = (generator, generator.get_state())
+        return super()._sample(*args, **kwargs)
+
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any):
+        saved, self._asymvlm_generator_states = self._asymvlm_generator_states, {}
+        if not saved:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        generators = self.input_batch.generators
+        for index, (generator, state) in saved.items():
+            generator.set_state(state)
+            generators.pop(index, None)  # so that vLLM's offset rewind skips it
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        finally:
+            for index, (generator, _) in saved.items():
+                generators[index] = generator
 
     # -------------------------------------------------------------- answer
     def _attach_decisions(self, output: Any) -> Any:

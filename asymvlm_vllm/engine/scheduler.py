@@ -90,6 +90,7 @@ class AsymVLMScheduler(Scheduler):
         model_config = self.vllm_config.model_config
         self._family = family_for(model_config.hf_config) if model_config is not None else None
         self._pruning: dict[str, RequestPruning] = {}
+        self._unannounced: set[str] = set()
         self._step_probes: dict[str, list[int]] = {}
         self._pending_materialize: dict[str, Materialize] = {}
         self._missing_decision_warned = False
@@ -116,45 +117,72 @@ class AsymVLMScheduler(Scheduler):
                 # the engine another way run unpruned and say why.
                 self._finish_record(state, "invalid_options", str(e))
             else:
-                state.options = options.model_dump()
+                state.options = options.to_extra_args()
+                params = request.sampling_params
                 if not options.enabled:
                     self._finish_record(state, "off")
                 elif self._family is None:
                     self._finish_record(state, "unsupported_model")
                 elif any(f.modality != "image" for f in request.mm_features):
                     self._finish_record(state, "unsupported_modality")
+                elif params is not None and params.prompt_logprobs is not None:
+                    # The front end holds the submitted prompt and lines prompt logprobs up
+                    # with it: they are only right for the whole prompt.
+                    self._finish_record(state, "unsupported_option",
+                                        "prompt_logprobs (and echo with logprobs) cover the whole prompt, "
+                                        "so the request ran unpruned")
             self._pruning[request.request_id] = state
+            self._unannounced.add(request.request_id)
         super().add_request(request)
 
     def _finish_record(self, state: RequestPruning, status: str, reason: str | None = None) -> None:
+        """The request runs unpruned from here on, for ``reason``."""
         state.phase = _DONE
         state.outcome["status"] = status
-        state.outcome.setdefault("vision_tokens_kept", state.outcome.get("vision_tokens", 0))
+        # A decision that could not be applied must not be reported as kept.
+        state.outcome.pop("images", None)
+        state.outcome.pop("prompt_tokens_prefilled", None)
+        state.outcome["vision_tokens_kept"] = state.outcome.get("vision_tokens", 0)
         if reason:
             state.outcome["reason"] = reason
 
     # ------------------------------------------------------------------ probe and hold
     def _try_schedule_encoder_inputs(self, request, num_computed_tokens, num_new_tokens,
                                      encoder_compute_budget, shift_computed_tokens=0):
+        args = (num_computed_tokens, num_new_tokens, encoder_compute_budget, shift_computed_tokens)
         state = self._pruning.get(request.request_id)
         if state is not None and state.phase == _PROBING:
             return [], 0, encoder_compute_budget, [], []
-        if state is None or state.phase != _NEW or num_new_tokens == 0:
-            return super()._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens,
-                                                        encoder_compute_budget, shift_computed_tokens)
+        if state is not None and state.phase == _NEW and num_new_tokens:
+            referenced = set(self.encoder_cache_manager.get_cached_input_ids(request))
+            try:
+                probe = self._schedule_probe(request, state, *args)
+            except Exception as e:  # one request's failure must not take the engine down
+                logger.exception("AsymVLM: probing request %s failed; it runs unpruned", request.request_id)
+                self._step_probes.pop(request.request_id, None)
+                for index in set(self.encoder_cache_manager.get_cached_input_ids(request)) - referenced:
+                    self.encoder_cache_manager.free_encoder_input(request, index)
+                self._finish_record(state, "error", f"probing failed: {type(e).__name__}: {e}")
+            else:
+                if probe is not None:
+                    return probe
+        return super()._try_schedule_encoder_inputs(request, *args)
+
+    def _schedule_probe(self, request, state, num_computed_tokens, num_new_tokens,
+                        encoder_compute_budget, shift_computed_tokens):
+        """Encoder scheduling for a request not probed yet: probe it in this step, or wait
+        (schedule only the text before its first image); None: it runs unpruned."""
         first_offset = request.mm_features[0].mm_position.offset
         if num_computed_tokens > first_offset:
             # A prefix-cache hit already holds KV for part of the unpruned image (an earlier
             # request ran it unpruned): reuse it rather than recompute.
             self._finish_record(state, "prefix_cached", "a prefix-cache hit covers the image")
-            return super()._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens,
-                                                        encoder_compute_budget, shift_computed_tokens)
+            return None
         to_end = request.num_prompt_tokens - num_computed_tokens
         need = sum(f.mm_position.get_num_embeds() for f in request.mm_features)
         if need > min(self.max_num_encoder_input_tokens, self.encoder_cache_manager.cache_size):
             self._finish_record(state, "too_large", f"its images' {need} encoder tokens exceed one step's encoder budget")
-            return super()._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens,
-                                                        encoder_compute_budget, shift_computed_tokens)
+            return None
         cache = self.encoder_cache_manager
         referenced = set(cache.get_cached_input_ids(request))
         scheduled, covered, budget, external, duplicate = super()._try_schedule_encoder_inputs(
@@ -212,8 +240,32 @@ class AsymVLMScheduler(Scheduler):
                 if not self._missing_decision_warned:
                     logger.warning("AsymVLM: %s", decision.error)
                     self._missing_decision_warned = True
-            self._apply_decision(request_id, decision)
+            try:
+                self._apply_decision(request_id, decision)
+            except Exception as e:  # one request's failure must not take the engine down
+                logger.exception("AsymVLM: applying the decision for request %s failed; it runs unpruned", request_id)
+                state = self._pruning.get(request_id)
+                if state is not None and state.phase != _DONE:
+                    self._finish_record(state, "error", f"rewriting failed: {type(e).__name__}: {e}")
+        self._announce_outcomes(outputs)
         return outputs
+
+    def _announce_outcomes(self, outputs: dict[int, Any]) -> None:
+        """Send each request's outcome on its first output once it is known. The front end may
+        finish a request itself (a stop string) and only abort it here, so the outcome on
+        the final output alone could be lost; the front end keeps the latest one it saw."""
+        if not self._unannounced:
+            return
+        for engine_outputs in outputs.values():
+            for output in engine_outputs.outputs:
+                request_id = output.request_id
+                if request_id not in self._unannounced or output.finished:
+                    continue
+                state = self._pruning.get(request_id)
+                if state is None or state.phase not in (_DONE, _PRUNED):
+                    continue
+                self._unannounced.discard(request_id)
+                output.kv_transfer_params = {**(output.kv_transfer_params or {}), "asymvlm": dict(state.outcome)}
 
     def _apply_decision(self, request_id: str, decision: RequestDecision) -> None:
         state = self._pruning.get(request_id)
@@ -226,10 +278,7 @@ class AsymVLMScheduler(Scheduler):
             self._finish_record(state, "error", decision.error)
             return
         images = {d.feature: d for d in decision.images}
-        state.outcome["images"] = [
-            {"tokens": d.num_rows, "kept": d.num_kept, "gap": round(d.gap, 6), "keep_ratio": d.keep_ratio}
-            for d in decision.images
-        ]
+        state.outcome["images"] = [d.outcome() for d in decision.images]
         state.outcome["vision_tokens_kept"] = (
             state.outcome["vision_tokens"] - sum(d.num_rows - d.num_kept for d in decision.images))
         changed = {i: d.keep_rows for i, d in images.items() if d.num_kept < d.num_rows}
@@ -241,15 +290,17 @@ class AsymVLMScheduler(Scheduler):
         if request.num_output_tokens:
             self._finish_record(state, "error", "the request produced output before its decision")
             return
+        if request.status not in (RequestStatus.RUNNING, RequestStatus.PREEMPTED, RequestStatus.WAITING):
+            self._finish_record(state, "error", f"request in state {request.status.name} at decision time")
+            return
+        # Everything that can fail on odd input happens before the request is touched.
+        rewritten, features, pruned = self._plan_rewrite(request, changed)
         if request.status == RequestStatus.RUNNING:
             self._release(request)
         elif request.status == RequestStatus.PREEMPTED:
             # Preempted while probing: it waits without KV; it must come back as a new request.
             request.status = RequestStatus.WAITING
-        elif request.status != RequestStatus.WAITING:
-            self._finish_record(state, "error", f"request in state {request.status.name} at decision time")
-            return
-        self._rewrite(request, state, changed, decision)
+        self._rewrite(request, state, rewritten, features, pruned, decision)
 
     def _release(self, request: Request) -> None:
         """Give back the request's KV blocks and encoder-cache references and queue it as a new
@@ -263,11 +314,11 @@ class AsymVLMScheduler(Scheduler):
             request.events.pop()
         request.status = RequestStatus.WAITING
 
-    def _rewrite(self, request: Request, state: RequestPruning, keep_rows: dict[int, list[int]],
-                 decision: RequestDecision) -> None:
-        original_length = request.num_prompt_tokens
+    @staticmethod
+    def _plan_rewrite(request: Request, keep_rows: dict[int, list[int]]):
+        """The pruned prompt, features and pruned identifiers; touches nothing."""
         rewritten = rewrite_prompt(request.prompt_token_ids, _spans(request), keep_rows)
-        features = []
+        features, pruned = [], {}
         for index, (feature, span) in enumerate(zip(request.mm_features, rewritten.spans)):
             is_embed = None if span.is_embed is None else torch.tensor(span.is_embed, dtype=torch.bool)
             position = PlaceholderRange(offset=span.offset, length=span.length, is_embed=is_embed)
@@ -275,10 +326,16 @@ class AsymVLMScheduler(Scheduler):
                 rows = list(keep_rows[index])
                 num_rows = feature.mm_position.get_num_embeds()
                 identifier = pruned_identifier(feature.identifier, rows, num_rows)
-                state.pruned[identifier] = Materialize(feature.identifier, rows, num_rows)
+                pruned[identifier] = Materialize(feature.identifier, rows, num_rows)
                 features.append(replace(feature, identifier=identifier, mm_position=position))
             else:
                 features.append(replace(feature, mm_position=position))
+        return rewritten, features, pruned
+
+    def _rewrite(self, request: Request, state: RequestPruning, rewritten, features, pruned,
+                 decision: RequestDecision) -> None:
+        original_length = request.num_prompt_tokens
+        state.pruned.update(pruned)
         # A new list: in-process, the front end shares the original one.
         request.prompt_token_ids = list(rewritten.prompt_token_ids)
         request._all_token_ids[:] = rewritten.prompt_token_ids  # all_token_ids is a view of it
@@ -292,8 +349,10 @@ class AsymVLMScheduler(Scheduler):
         # Register the pruned embeddings as cached so that re-admission gathers them instead
         # of running the encoder again; the runner builds them from the full output next step.
         cache = self.encoder_cache_manager
-        for index in keep_rows:
-            identifier = request.mm_features[index].identifier
+        for index, feature in enumerate(features):
+            identifier = feature.identifier
+            if identifier not in pruned:
+                continue
             if identifier in cache.cached:
                 cache.check_and_update_cache(request, index)
             elif cache.can_allocate(request, index, 1 << 40, 0):
@@ -309,6 +368,7 @@ class AsymVLMScheduler(Scheduler):
     def _free_request(self, request: Request, *args: Any, **kwargs: Any):
         kv_transfer_params, ec_transfer_params = super()._free_request(request, *args, **kwargs)
         state = self._pruning.pop(request.request_id, None)
+        self._unannounced.discard(request.request_id)
         if state is not None:
             if state.phase in (_NEW, _PROBING):
                 state.outcome.setdefault("status", "unfinished")

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..core.budget import num_tokens_to_keep
-from ..core.request_options import RequestOptions
+from ..core.request_options import request_options_from_extra_args
 from .protocol import ImageDecision, RequestDecision
 
 __all__ = [
@@ -353,7 +353,7 @@ class SimulatedRunner:
             return None
         if rng.random() < self.error_rate:
             return RequestDecision(error="simulated scoring failure")
-        opts = RequestOptions.model_validate(dict(options or {}))
+        opts = request_options_from_extra_args(options)
         config = getattr(self.scheduler, "asymvlm_config", None)
         rule = opts.budget_rule(config.vision.budget) if config is not None else None
         min_keep = self.min_keep or opts.min_keep or (config.vision.min_keep if config is not None else 1)
@@ -372,7 +372,7 @@ class SimulatedRunner:
             k = num_tokens_to_keep(num_rows, ratio, min(min_keep, num_rows))
             rows = sorted(rng.choice(num_rows, size=k, replace=False).tolist()) if k < num_rows else list(range(num_rows))
             images.append(ImageDecision(feature=index, num_rows=num_rows, num_prunable=num_rows, keep_rows=rows,
-                                        gap=gap, keep_ratio=ratio))
+                                        gap=gap, budget_ratio=ratio))
         return RequestDecision(images=images)
 
     # ------------------------------------------------------------------ encoder-cache model

@@ -1,11 +1,23 @@
 """Per-request validation of ``vllm_xargs`` at the front end (HTTP 400 on bad values).
 
-vLLM calls every custom logits processor's ``validate_params`` when a request is admitted
-and turns a ``ValueError`` into HTTP 400 with its message. AsymVLM registers this one, which
-only validates: it leaves logits untouched and tells vLLM that greedy sampling is unaffected.
+Two places check a request's ``asymvlm*`` keys, with the same rule
+(:func:`~asymvlm_vllm.core.request_options.request_options_from_extra_args`):
+
+* the OpenAI request models' ``to_sampling_params`` (chat, completions, responses), which
+  the server calls before it starts a response: a bad value is HTTP 400 for streaming
+  requests too, never an error event inside a 200 stream;
+* every custom logits processor's ``validate_params``, which vLLM calls when a request is
+  admitted (``vllm.LLM`` and any other way into the engine). AsymVLM registers
+  :class:`AsymVLMRequestValidator`, which only validates: it leaves logits untouched.
+
+vLLM's front end loads this module when it builds its request validators, with or without
+``--plugin asymvlm`` (the explicit-flags form), and loading it installs both front-end hooks.
 """
 
 from __future__ import annotations
+
+import functools
+import threading
 
 import torch
 from vllm import SamplingParams
@@ -14,13 +26,25 @@ from vllm.v1.sample.logits_processor.interface import BatchUpdate, LogitsProcess
 from ..core.request_options import RequestOptionsError, request_options_from_extra_args
 from .metrics import install_output_hook
 
-# vLLM's front end loads this module when it builds its request validators, with or without
-# `--plugin asymvlm`: the explicit-flags form gets the asymvlm_* metrics this way too.
-install_output_hook()
-
-__all__ = ["AsymVLMRequestValidator", "VALIDATOR_QUALNAME"]
+__all__ = ["AsymVLMRequestValidator", "VALIDATOR_QUALNAME", "install_request_hooks"]
 
 VALIDATOR_QUALNAME = "asymvlm_vllm.engine.validation:AsymVLMRequestValidator"
+
+# The OpenAI request models whose ``to_sampling_params`` carry ``vllm_xargs`` into extra_args.
+_REQUEST_MODELS = (
+    ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),
+    ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
+    ("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest"),
+)
+_lock = threading.Lock()
+_installed = False
+
+
+def _check(sampling_params) -> None:
+    try:
+        request_options_from_extra_args(getattr(sampling_params, "extra_args", None))
+    except RequestOptionsError as e:
+        raise ValueError(str(e)) from None
 
 
 class AsymVLMRequestValidator(LogitsProcessor):
@@ -28,10 +52,7 @@ class AsymVLMRequestValidator(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        try:
-            request_options_from_extra_args(sampling_params.extra_args)
-        except RequestOptionsError as e:
-            raise ValueError(str(e)) from None
+        _check(sampling_params)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         pass
@@ -44,3 +65,38 @@ class AsymVLMRequestValidator(LogitsProcessor):
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         pass
+
+
+def install_request_hooks() -> None:
+    """Validate ``vllm_xargs`` where the server builds sampling parameters, and read outcomes
+    into the ``asymvlm_*`` metrics (idempotent)."""
+    global _installed
+    install_output_hook()
+    with _lock:
+        if _installed:
+            return
+        import importlib
+
+        from vllm.exceptions import VLLMValidationError
+
+        for module_name, class_name in _REQUEST_MODELS:
+            try:
+                model = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError):
+                continue
+            original = model.to_sampling_params
+
+            @functools.wraps(original)
+            def to_sampling_params(self, *args, _original=original, **kwargs):
+                params = _original(self, *args, **kwargs)
+                try:
+                    _check(params)
+                except ValueError as e:
+                    raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+                return params
+
+            model.to_sampling_params = to_sampling_params
+        _installed = True
+
+
+install_request_hooks()

@@ -55,3 +55,17 @@ def engine_models(tmp_path_factory):
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def server(engine_models, tmp_path_factory):
+    """``vllm serve TINY_LLAVA --plugin asymvlm --asymvlm-config llava-1.5`` on 127.0.0.1, shared by
+    the server test modules (:mod:`tests.engine.server`)."""
+    from .server import start_server, stop_server
+
+    running = start_server(str(engine_models("llava")), tmp_path_factory.mktemp("vllm-serve") / "server.log")
+    try:
+        yield running
+    finally:
+        stop_server(running.process)
+

@@ -8,7 +8,8 @@
   not loaded at all; a scorer that does not fit the model stops start-up.
 
 ``register()`` patches ``EngineArgs.add_cli_args`` / ``from_cli_args`` (and
-importing ``asymvlm_vllm.engine.validation`` wraps ``OutputProcessor._update_stats_from_output``) for the
+importing ``asymvlm_vllm.engine.validation`` wraps ``RequestState.make_request_output`` and the OpenAI
+request models' ``to_sampling_params``) for the
 whole process; the ``cli`` fixture saves and restores all of it, so that later in-process
 engines in this pytest run see plain vLLM.
 
@@ -53,13 +54,20 @@ def cli(monkeypatch):
     """The plugin module; ``sys.argv`` is a plain ``vllm serve`` line, and the process-wide
     patches that ``register()`` and the plugin's flags make are undone afterwards."""
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.engine.output_processor import OutputProcessor
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.v1.engine.output_processor import RequestState
 
     from asymvlm_vllm.engine import metrics, plugin
 
     saved_engine_args = {name: EngineArgs.__dict__[name] for name in ("add_cli_args", "from_cli_args")}
-    saved_hook = OutputProcessor.__dict__["_update_stats_from_output"]
+    saved_hook = RequestState.__dict__["make_request_output"]
     saved_hook_installed = metrics._hook_installed
+    request_models = (ChatCompletionRequest, CompletionRequest, ResponsesRequest)  # validation._REQUEST_MODELS
+    saved_validators = [model.__dict__["to_sampling_params"] for model in request_models]
+    validation = sys.modules.get("asymvlm_vllm.engine.validation")
+    saved_validators_installed = getattr(validation, "_installed", False)
     monkeypatch.setattr(plugin, "_cli_extended", False)
     monkeypatch.setattr(sys, "argv", ["vllm", "serve", "MODEL"])
     try:
@@ -67,8 +75,13 @@ def cli(monkeypatch):
     finally:
         for name, value in saved_engine_args.items():
             setattr(EngineArgs, name, value)
-        OutputProcessor._update_stats_from_output = saved_hook
+        RequestState.make_request_output = saved_hook
         metrics._hook_installed = saved_hook_installed
+        for model, value in zip(request_models, saved_validators):
+            model.to_sampling_params = value
+        validation = sys.modules.get("asymvlm_vllm.engine.validation")
+        if validation is not None:
+            validation._installed = saved_validators_installed
 
 
 def _parser():
