@@ -52,8 +52,22 @@ def test_bad_keep_rows_are_refused(keep, message):
 def test_overlapping_spans_and_unknown_images_are_refused():
     with pytest.raises(ValueError, match="overlaps"):
         rewrite_prompt([IMG] * 6, [PlaceholderSpan(0, 4), PlaceholderSpan(2, 3)], {})
-    with pytest.raises(ValueError, match="names images"):
-        rewrite_prompt([IMG] * 4, [PlaceholderSpan(0, 4)], {1: [0]})
+    with pytest.raises(ValueError, match="overlaps"):  # the shared position is an image row of both
+        rewrite_prompt([IMG] * 5, [PlaceholderSpan(0, 3, (False, True, True)), PlaceholderSpan(2, 3)], {})
+
+
+def test_spans_may_share_a_structure_token():
+    # Gemma 3 spells an image "\n\n<boi> rows <eoi>\n\n"; between two adjacent images the
+    # newlines merge into one token (NL4) that vLLM puts in both spans as a non-row position.
+    NL, NL4, BOI, EOI = 7, 8, 9, 10
+    prompt = [NL, BOI, IMG, IMG, EOI, NL4, BOI, IMG, IMG, EOI, NL]
+    row_pattern = (False, False, True, True, False, False)
+    spans = [PlaceholderSpan(0, 6, row_pattern), PlaceholderSpan(5, 6, row_pattern)]
+    out = rewrite_prompt(prompt, spans, {0: [1], 1: [0]})
+    assert out.prompt_token_ids == [NL, BOI, IMG, EOI, NL4, BOI, IMG, EOI, NL]
+    pruned_pattern = (False, False, True, False, False)
+    assert out.spans == [PlaceholderSpan(0, 5, pruned_pattern), PlaceholderSpan(4, 5, pruned_pattern)]
+    assert out.kept_positions == [0, 1, 3, 4, 5, 6, 7, 9, 10]
 
 
 def test_random_rewrites_remove_exactly_the_dropped_rows():

@@ -71,7 +71,8 @@ def rewrite_prompt(
     Parameters
     ----------
     prompt_token_ids : sequence of int, length T
-    spans : the images' spans, in prompt order, non-overlapping
+    spans : the images' spans, in prompt order; they may share structure positions
+        (``is_embed`` false) but not image rows
     keep_rows : image index → kept encoder-output rows (ascending, unique, in
         ``[0, span.num_rows)``); images not in the mapping keep everything.
 
@@ -81,13 +82,18 @@ def rewrite_prompt(
     """
     total = len(prompt_token_ids)
     drop = bytearray(total)
-    end_of_previous = 0
+    last_row_of_previous = -1
     for index, span in enumerate(spans):
-        if span.offset < end_of_previous or span.length < 0 or span.offset + span.length > total:
-            raise ValueError(f"placeholder span {index} ({span.offset}, {span.length}) overlaps another or leaves the prompt of {total} tokens")
+        if span.length < 0 or span.offset < 0 or span.offset + span.length > total:
+            raise ValueError(f"placeholder span {index} ({span.offset}, {span.length}) leaves the prompt of {total} tokens")
         if span.is_embed is not None and len(span.is_embed) != span.length:
             raise ValueError(f"placeholder span {index}: is_embed has {len(span.is_embed)} entries for length {span.length}")
-        end_of_previous = span.offset + span.length
+        rows = [span.offset + i for i in range(span.length) if span.is_embed is None or span.is_embed[i]]
+        # Spans may share structure tokens (Gemma 3 merges the newlines between two adjacent
+        # images into one token that vLLM puts in both spans); their image rows may not overlap.
+        if rows and rows[0] <= last_row_of_previous:
+            raise ValueError(f"placeholder span {index} ({span.offset}, {span.length}) overlaps the image rows of span {index - 1}")
+        last_row_of_previous = rows[-1] if rows else last_row_of_previous
         if index not in keep_rows:
             continue
         rows = list(keep_rows[index])

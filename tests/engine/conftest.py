@@ -57,6 +57,22 @@ def engine_models(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def hf_models(engine_models):
+    """family -> a ``PrunedVLM`` (transformers, float32, SDPA) of the same tiny checkpoint."""
+    from asymvlm_vllm.hf import PrunedVLM
+
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = PrunedVLM.from_pretrained(engine_models(family))
+        return cache[family]
+
+    yield get
+    cache.clear()
+
+
 @pytest.fixture(scope="session")
 def server(engine_models, tmp_path_factory):
     """``vllm serve TINY_LLAVA --plugin asymvlm --asymvlm-config llava-1.5`` on 127.0.0.1, shared by

@@ -27,8 +27,8 @@ import torch
 
 __all__ = [
     "ENGINE_ENV", "SHIM_DIR", "block_pool", "chat_messages", "configure_cpu_engine_env", "engine_core",
-    "engine_image", "free_llm", "generated_tokens", "greedy_params", "make_llm", "model_runner", "num_free_blocks",
-    "scheduler", "subprocess_env",
+    "engine_image", "free_llm", "free_llms", "generated_tokens", "greedy_params", "make_llm", "make_plugin_llm",
+    "model_runner", "num_free_blocks", "scheduler", "subprocess_env",
 ]
 
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
@@ -122,6 +122,37 @@ def free_llm(llm) -> None:
         torch.set_num_threads = _TORCH_SET_NUM_THREADS
         if threads is not None:
             torch.set_num_threads(threads)
+
+
+def make_plugin_llm(model_dir, config, monkeypatch, kv_cache_bytes: int = 64 * 2**20, **overrides):
+    """:func:`make_llm` with AsymVLM (``config``: a preset, file or mapping; None: plain vLLM) and
+    a KV cache of ``kv_cache_bytes``. vLLM's CPU platform lets ``VLLM_CPU_KVCACHE_SPACE`` (1 GiB in
+    the test env) override ``kv_cache_memory_bytes``, so ``monkeypatch`` unsets it; small caches
+    let several engines live side by side in one test module."""
+    from asymvlm_vllm.engine.plugin import asymvlm_engine_args
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    kwargs = dict(kv_cache_memory_bytes=kv_cache_bytes, **overrides)
+    if config is not None:
+        kwargs = asymvlm_engine_args(model_dir, config, **kwargs)
+        kwargs.pop("model")
+    return make_llm(model_dir, **kwargs)
+
+
+def free_llms(llms) -> None:
+    """Shut several in-process LLMs down. Each ``free_llm`` costs full garbage collections and
+    process-wide cleanup, so all but the last only stop their executor and scheduler (what
+    ``EngineCore.shutdown`` does before that cleanup) and the last runs the cleanup once."""
+    llms = list(llms)
+    if not llms:
+        return
+    last = llms.pop()
+    while llms:
+        core = engine_core(llms.pop())
+        core.model_executor.shutdown()
+        core.scheduler.shutdown()
+        del core
+    free_llm(last)
 
 
 # ---------------------------------------------------------------- reaching the engine's parts

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import torch
 
-from .helpers import engine_core, engine_image, free_llm, greedy_params, make_llm, model_runner, num_free_blocks, scheduler
+from .helpers import engine_image, free_llms, greedy_params, make_plugin_llm, model_runner, num_free_blocks, scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -235,15 +235,8 @@ class _Engines:
     def llm(self, family: str, kind: str):
         key = (family, kind)
         if key not in self.llms:
-            from asymvlm_vllm.engine.plugin import asymvlm_engine_args
-
-            model_dir = self.model_dirs(family)
-            self.monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-            kwargs = dict(kv_cache_memory_bytes=KV_CACHE_BYTES)
-            if kind != "plain":
-                kwargs = asymvlm_engine_args(model_dir, CONFIGS[kind], **kwargs)
-                kwargs.pop("model")
-            llm = self.llms[key] = make_llm(model_dir, **kwargs)
+            llm = self.llms[key] = make_plugin_llm(self.model_dirs(family), CONFIGS.get(kind), self.monkeypatch,
+                                                   KV_CACHE_BYTES)
             kv_bytes = sum(t.size for t in scheduler(llm).kv_cache_config.kv_cache_tensors)
             # (Gemma 3's hybrid sliding/full layout allocates twice the requested bytes.)
             assert kv_bytes <= 2 * KV_CACHE_BYTES, f"{family}/{kind}: {kv_bytes} bytes of KV cache, not the 1 GiB default"
@@ -280,17 +273,7 @@ class _Engines:
     def close(self) -> None:
         llms = list(self.llms.values())
         self.llms.clear()
-        if not llms:
-            return
-        last = llms.pop()
-        while llms:
-            # What EngineCore.shutdown does before its process-wide cleanup; that cleanup
-            # (gc.unfreeze, process groups, full garbage collections) runs once, in free_llm.
-            core = engine_core(llms.pop())
-            core.model_executor.shutdown()
-            core.scheduler.shutdown()
-            del core
-        free_llm(last)
+        free_llms(llms)
 
 
 @pytest.fixture(scope="module")
@@ -301,22 +284,6 @@ def engines(engine_models, recorder):
             yield pool
         finally:
             pool.close()
-
-
-@pytest.fixture(scope="module")
-def hf_models(engine_models):
-    """family -> a ``PrunedVLM`` (transformers, float32, SDPA) of the same tiny checkpoint."""
-    from asymvlm_vllm.hf import PrunedVLM
-
-    cache: dict[str, Any] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = PrunedVLM.from_pretrained(engine_models(family))
-        return cache[family]
-
-    yield get
-    cache.clear()
 
 
 # ---------------------------------------------------------------- the transformers reference

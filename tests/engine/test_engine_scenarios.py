@@ -55,7 +55,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from .helpers import engine_core, engine_image, free_llm, greedy_params, make_llm, model_runner, num_free_blocks, scheduler
+from .helpers import engine_core, engine_image, free_llms, greedy_params, make_plugin_llm, model_runner, num_free_blocks, scheduler
 from .test_asymvlm_engine import MAX_TOKENS, Req, _prompt_text, hf_reference
 
 pytestmark = pytest.mark.slow
@@ -218,15 +218,9 @@ class _Engines:
 
     def __call__(self, name: str):
         if name not in self.llms:
-            from asymvlm_vllm.engine.plugin import asymvlm_engine_args
-
             family, overrides = ENGINES[name]
-            model_dir = self.model_dirs(family)
-            # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE (1 GiB in the test env) override this.
-            self.monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-            kwargs = asymvlm_engine_args(model_dir, PRUNE_HALF, kv_cache_memory_bytes=KV_CACHE_BYTES, **overrides)
-            kwargs.pop("model")
-            llm = self.llms[name] = make_llm(model_dir, **kwargs)
+            llm = self.llms[name] = make_plugin_llm(self.model_dirs(family), PRUNE_HALF, self.monkeypatch,
+                                                    KV_CACHE_BYTES, **overrides)
             self.free_blocks[name] = num_free_blocks(llm)
         return self.llms[name]
 
@@ -240,15 +234,7 @@ class _Engines:
     def close(self) -> None:
         llms = list(self.llms.values())
         self.llms.clear()
-        if not llms:
-            return
-        last = llms.pop()
-        while llms:  # as in test_asymvlm_engine: the process-wide cleanup runs once, in free_llm
-            core = engine_core(llms.pop())
-            core.model_executor.shutdown()
-            core.scheduler.shutdown()
-            del core
-        free_llm(last)
+        free_llms(llms)
 
 
 @pytest.fixture(scope="module")
@@ -259,21 +245,6 @@ def engines(engine_models, trace):
             yield pool
         finally:
             pool.close()
-
-
-@pytest.fixture(scope="module")
-def hf_models(engine_models):
-    from asymvlm_vllm.hf import PrunedVLM
-
-    cache: dict[str, Any] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = PrunedVLM.from_pretrained(engine_models(family))
-        return cache[family]
-
-    yield get
-    cache.clear()
 
 
 # ---------------------------------------------------------------- requests

@@ -17,7 +17,7 @@ import logging
 
 import pytest
 
-from .helpers import chat_messages, engine_image, free_llm, greedy_params, make_llm, num_free_blocks, scheduler
+from .helpers import chat_messages, engine_image, free_llm, greedy_params, make_plugin_llm, num_free_blocks, scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +27,8 @@ QUESTION = "What is shown in this picture?"
 
 @pytest.fixture(scope="module")
 def llm(engine_models):
-    from asymvlm_vllm.engine.plugin import asymvlm_engine_args
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-        model = engine_models("llava")
-        kwargs = asymvlm_engine_args(model, PRUNE_HALF, kv_cache_memory_bytes=64 * 2**20)
-        kwargs.pop("model")
-        engine = make_llm(model, **kwargs)
+        engine = make_plugin_llm(engine_models("llava"), PRUNE_HALF, mp)
         try:
             yield engine
         finally:

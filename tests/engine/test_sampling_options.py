@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import chat_messages, engine_image, free_llm, make_llm, num_free_blocks, scheduler
+from .helpers import chat_messages, engine_image, free_llms, make_plugin_llm, num_free_blocks, scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -82,27 +82,14 @@ class _Engines:
 
     def __call__(self, kind: str):
         if kind not in self.llms:
-            from asymvlm_vllm.engine.plugin import asymvlm_engine_args
-
-            self.monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-            kwargs: dict[str, Any] = dict(kv_cache_memory_bytes=KV_CACHE_BYTES)
-            if kind != "plain":
-                kwargs = asymvlm_engine_args(self.model_dir, KEEP_ALL if kind == "keep_all" else PRUNE_HALF, **kwargs)
-                kwargs.pop("model")
-            self.llms[kind] = make_llm(self.model_dir, **kwargs)
+            config = {"plain": None, "keep_all": KEEP_ALL, "prune": PRUNE_HALF}[kind]
+            self.llms[kind] = make_plugin_llm(self.model_dir, config, self.monkeypatch, KV_CACHE_BYTES)
         return self.llms[kind]
 
     def close(self):
-        from .helpers import engine_core
-
         llms = list(self.llms.values())
         self.llms.clear()
-        for llm in llms[:-1]:
-            core = engine_core(llm)
-            core.model_executor.shutdown()
-            core.scheduler.shutdown()
-        if llms:
-            free_llm(llms[-1])
+        free_llms(llms)
 
 
 @pytest.fixture(scope="module")
