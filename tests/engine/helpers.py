@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "ENGINE_ENV", "SHIM_DIR", "block_pool", "chat_messages", "configure_cpu_engine_env", "engine_core",
+    "ENGINE_ENV", "EnginePool", "SHIM_DIR", "block_pool", "chat_messages", "configure_cpu_engine_env", "engine_core",
     "engine_image", "free_llm", "free_llms", "generated_tokens", "greedy_params", "make_llm", "make_plugin_llm",
     "model_runner", "num_free_blocks", "scheduler", "subprocess_env",
 ]
@@ -153,6 +153,46 @@ def free_llms(llms) -> None:
         core.scheduler.shutdown()
         del core
     free_llm(last)
+
+
+class EnginePool:
+    """A test module's engines, built on first use and all freed together at its end
+    (:func:`free_llms`); a context manager. ``model_dirs``: family -> tiny model directory (the
+    ``engine_models`` fixture)."""
+
+    def __init__(self, model_dirs):
+        import pytest
+
+        self.model_dirs = model_dirs
+        self.monkeypatch = pytest.MonkeyPatch()
+        self.llms: dict = {}
+        self.processors: dict = {}
+
+    def build(self, key, family: str, config, kv_cache_bytes: int, **overrides):
+        """The engine ``key`` (:func:`make_plugin_llm` of ``family`` with ``config``)."""
+        if key not in self.llms:
+            self.llms[key] = make_plugin_llm(self.model_dirs(family), config, self.monkeypatch, kv_cache_bytes,
+                                             **overrides)
+        return self.llms[key]
+
+    def processor(self, family: str):
+        """The family's transformers processor (for prompt text)."""
+        if family not in self.processors:
+            from transformers import AutoProcessor
+
+            self.processors[family] = AutoProcessor.from_pretrained(self.model_dirs(family), local_files_only=True)
+        return self.processors[family]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        llms = list(self.llms.values())
+        self.llms.clear()
+        try:
+            free_llms(llms)
+        finally:
+            self.monkeypatch.undo()
 
 
 # ---------------------------------------------------------------- reaching the engine's parts

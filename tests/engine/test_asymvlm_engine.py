@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import torch
 
-from .helpers import engine_image, free_llms, greedy_params, make_plugin_llm, model_runner, num_free_blocks, scheduler
+from .helpers import EnginePool, engine_image, greedy_params, model_runner, num_free_blocks, scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -216,7 +216,7 @@ class Run:
         return None if params is None else params.get("asymvlm")
 
 
-class _Engines:
+class _Engines(EnginePool):
     """Engines built on first use and all kept until the module ends.
 
     ``kind``: ``plain`` (vLLM without the plugin), ``keep_all`` / ``prune`` (AsymVLM with
@@ -224,30 +224,19 @@ class _Engines:
     1 GiB of ``VLLM_CPU_KVCACHE_SPACE`` (unset while this module builds engines, since vLLM's CPU
     platform lets it override ``kv_cache_memory_bytes``): still thousands of 32-token blocks."""
 
-    def __init__(self, model_dirs, recorder: Recorder, monkeypatch: pytest.MonkeyPatch):
-        self.model_dirs = model_dirs
+    def __init__(self, model_dirs, recorder: Recorder):
+        super().__init__(model_dirs)
         self.recorder = recorder
-        self.monkeypatch = monkeypatch
-        self.llms: dict[tuple[str, str], Any] = {}
         self.runs: dict[tuple[str, str], Run] = {}
-        self.processors: dict[str, Any] = {}
 
     def llm(self, family: str, kind: str):
         key = (family, kind)
         if key not in self.llms:
-            llm = self.llms[key] = make_plugin_llm(self.model_dirs(family), CONFIGS.get(kind), self.monkeypatch,
-                                                   KV_CACHE_BYTES)
+            llm = self.build(key, family, CONFIGS.get(kind), KV_CACHE_BYTES)
             kv_bytes = sum(t.size for t in scheduler(llm).kv_cache_config.kv_cache_tensors)
             # (Gemma 3's hybrid sliding/full layout allocates twice the requested bytes.)
             assert kv_bytes <= 2 * KV_CACHE_BYTES, f"{family}/{kind}: {kv_bytes} bytes of KV cache, not the 1 GiB default"
         return self.llms[key]
-
-    def processor(self, family: str):
-        if family not in self.processors:
-            from transformers import AutoProcessor
-
-            self.processors[family] = AutoProcessor.from_pretrained(self.model_dirs(family), local_files_only=True)
-        return self.processors[family]
 
     def run(self, family: str, kind: str) -> Run:
         key = (family, kind)
@@ -270,20 +259,12 @@ class _Engines:
                                  {r.name: p["prompt"] for r, p in zip(reqs, prompts)}, before, num_free_blocks(llm))
         return self.runs[key]
 
-    def close(self) -> None:
-        llms = list(self.llms.values())
-        self.llms.clear()
-        free_llms(llms)
 
 
 @pytest.fixture(scope="module")
 def engines(engine_models, recorder):
-    with pytest.MonkeyPatch.context() as mp:
-        pool = _Engines(engine_models, recorder, mp)
-        try:
-            yield pool
-        finally:
-            pool.close()
+    with _Engines(engine_models, recorder) as pool:
+        yield pool
 
 
 # ---------------------------------------------------------------- the transformers reference

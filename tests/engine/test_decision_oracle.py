@@ -39,7 +39,7 @@ from tests.reference import (
     budget_ratio_reference, decide_reference, keep_count_reference, request_rule_reference, top_k_reference,
 )
 
-from .helpers import engine_image, free_llms, greedy_params, make_plugin_llm
+from .helpers import EnginePool, engine_image, greedy_params
 
 pytestmark = pytest.mark.slow
 
@@ -193,30 +193,19 @@ def decisions():
         yield captured
 
 
-class _Engines:
+class _Engines(EnginePool):
     """One engine per family, built on first use, its whole batch run at once; all freed at the
     end of the module (as in ``test_asymvlm_engine``: one process-wide cleanup)."""
 
-    def __init__(self, model_dirs, monkeypatch: pytest.MonkeyPatch):
-        self.model_dirs = model_dirs
-        self.monkeypatch = monkeypatch
-        self.llms: dict[str, Any] = {}
+    def __init__(self, model_dirs):
+        super().__init__(model_dirs)
         self.outputs: dict[str, dict[str, Any]] = {}
-        self.processors: dict[str, Any] = {}
-
-    def processor(self, family: str):
-        if family not in self.processors:
-            from transformers import AutoProcessor
-
-            self.processors[family] = AutoProcessor.from_pretrained(self.model_dirs(family), local_files_only=True)
-        return self.processors[family]
 
     def run(self, family: str) -> dict[str, Any]:
         """Request name → ``RequestOutput`` of the family's batch."""
         if family not in self.outputs:
             spec = ENGINES[family]
-            llm = self.llms[family] = make_plugin_llm(self.model_dirs(family), spec.config or spec.preset,
-                                                      self.monkeypatch, KV_CACHE_BYTES)
+            llm = self.build(family, family, spec.config or spec.preset, KV_CACHE_BYTES)
             processor = self.processor(family)
             reqs = ENGINES[family].requests
             prompts, params = [], []
@@ -230,20 +219,11 @@ class _Engines:
             self.outputs[family] = {r.name: o for r, o in zip(reqs, outputs)}
         return self.outputs[family]
 
-    def close(self) -> None:
-        llms = list(self.llms.values())
-        self.llms.clear()
-        free_llms(llms)
-
 
 @pytest.fixture(scope="module")
 def engines(engine_models, decisions):
-    with pytest.MonkeyPatch.context() as mp:
-        pool = _Engines(engine_models, mp)
-        try:
-            yield pool
-        finally:
-            pool.close()
+    with _Engines(engine_models) as pool:
+        yield pool
 
 
 # ---------------------------------------------------------------- the oracle side (transformers, float64)

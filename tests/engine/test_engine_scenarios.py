@@ -55,7 +55,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from .helpers import engine_core, engine_image, free_llms, greedy_params, make_plugin_llm, model_runner, num_free_blocks, scheduler
+from .helpers import EnginePool, engine_core, engine_image, greedy_params, model_runner, num_free_blocks, scheduler
 from .test_asymvlm_engine import MAX_TOKENS, Req, _prompt_text, hf_reference
 
 pytestmark = pytest.mark.slow
@@ -206,45 +206,25 @@ def trace():
 # ---------------------------------------------------------------- engines
 
 
-class _Engines:
+class _Engines(EnginePool):
     """The engines of :data:`ENGINES`, built on first use and all kept until the module ends."""
 
-    def __init__(self, model_dirs, monkeypatch: pytest.MonkeyPatch):
-        self.model_dirs = model_dirs
-        self.monkeypatch = monkeypatch
-        self.llms: dict[str, Any] = {}
+    def __init__(self, model_dirs):
+        super().__init__(model_dirs)
         self.free_blocks: dict[str, int] = {}
-        self.processors: dict[str, Any] = {}
 
     def __call__(self, name: str):
         if name not in self.llms:
             family, overrides = ENGINES[name]
-            llm = self.llms[name] = make_plugin_llm(self.model_dirs(family), PRUNE_HALF, self.monkeypatch,
-                                                    KV_CACHE_BYTES, **overrides)
+            llm = self.build(name, family, PRUNE_HALF, KV_CACHE_BYTES, **overrides)
             self.free_blocks[name] = num_free_blocks(llm)
         return self.llms[name]
-
-    def processor(self, family: str):
-        if family not in self.processors:
-            from transformers import AutoProcessor
-
-            self.processors[family] = AutoProcessor.from_pretrained(self.model_dirs(family), local_files_only=True)
-        return self.processors[family]
-
-    def close(self) -> None:
-        llms = list(self.llms.values())
-        self.llms.clear()
-        free_llms(llms)
 
 
 @pytest.fixture(scope="module")
 def engines(engine_models, trace):
-    with pytest.MonkeyPatch.context() as mp:
-        pool = _Engines(engine_models, mp)
-        try:
-            yield pool
-        finally:
-            pool.close()
+    with _Engines(engine_models) as pool:
+        yield pool
 
 
 # ---------------------------------------------------------------- requests

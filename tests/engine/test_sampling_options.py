@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import chat_messages, engine_image, free_llms, make_plugin_llm, num_free_blocks, scheduler
+from .helpers import EnginePool, chat_messages, engine_image, num_free_blocks, scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -74,32 +74,16 @@ def _params(option: Option, **extra_args):
     return SamplingParams(**kwargs, extra_args=extra_args or None)
 
 
-class _Engines:
-    def __init__(self, model_dir, monkeypatch):
-        self.model_dir = model_dir
-        self.monkeypatch = monkeypatch
-        self.llms: dict[str, Any] = {}
-
+class _Engines(EnginePool):
     def __call__(self, kind: str):
-        if kind not in self.llms:
-            config = {"plain": None, "keep_all": KEEP_ALL, "prune": PRUNE_HALF}[kind]
-            self.llms[kind] = make_plugin_llm(self.model_dir, config, self.monkeypatch, KV_CACHE_BYTES)
-        return self.llms[kind]
-
-    def close(self):
-        llms = list(self.llms.values())
-        self.llms.clear()
-        free_llms(llms)
+        config = {"plain": None, "keep_all": KEEP_ALL, "prune": PRUNE_HALF}[kind]
+        return self.build(kind, "llava", config, KV_CACHE_BYTES)
 
 
 @pytest.fixture(scope="module")
 def engines(engine_models):
-    with pytest.MonkeyPatch.context() as mp:
-        pool = _Engines(engine_models("llava"), mp)
-        try:
-            yield pool
-        finally:
-            pool.close()
+    with _Engines(engine_models) as pool:
+        yield pool
 
 
 def _run(llm, image_seed: int, params):
