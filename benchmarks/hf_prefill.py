@@ -1,8 +1,9 @@
-"""Prefill time of the transformers reference path, pruned vs unpruned, next to the FLOPs ratio.
+"""Language-model prefill time on the transformers reference path, pruned vs unpruned, next to the FLOPs ratio.
 
 A random-weight LLaVA-1.5-shaped model (576 image tokens from a 336 px CLIP tower; a language
 model of ``--hidden`` width and ``--layers`` layers) prefills one image + question at several
-keep ratios. Each row gives the LM input length, the paper's FLOPs estimate
+keep ratios. Only the language model's forward over the (pruned) input embeddings is timed; the
+vision tower, projector and token selection run once, untimed, and there is no LM head or decoding. Each row gives the LM input length, the paper's FLOPs estimate
 (``prefill_flops``) and the measured median prefill time, each as a ratio to keep-all measured
 in the same run (this machine is noisy; only the ratios mean something).
 

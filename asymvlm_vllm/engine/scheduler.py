@@ -347,17 +347,22 @@ class AsymVLMScheduler(Scheduler):
             kept = [[axis[p] for p in rewritten.kept_positions] for axis in decision.mrope_positions]
             state.mrope = (kept, decision.mrope_next_position - request.num_prompt_tokens)
         # Register the pruned embeddings as cached so that re-admission gathers them instead
-        # of running the encoder again; the runner builds them from the full output next step.
+        # of running the encoder again; the runner builds them from the full output next step,
+        # before it frees anything. Only while that output is still cached: one evicted
+        # already is freed in the runner before this could materialize. And unreferenced
+        # (freeable), as every waiting request's: a reference held while the request waits
+        # (e.g. behind one that does not fit) could keep a running request from ever getting
+        # encoder-cache space. Evicted before re-admission, the encoder runs again for the
+        # pruned identifier and the runner slices its output.
         cache = self.encoder_cache_manager
         for index, feature in enumerate(features):
             identifier = feature.identifier
-            if identifier not in pruned:
+            if identifier not in pruned or identifier in cache.cached:
                 continue
-            if identifier in cache.cached:
-                cache.check_and_update_cache(request, index)
-            elif cache.can_allocate(request, index, 1 << 40, 0):
+            if pruned[identifier].source in cache.cached and cache.can_allocate(request, index, 1 << 40, 0):
                 cache.allocate(request, index)
-                self._pending_materialize[identifier] = state.pruned[identifier]
+                cache.free_encoder_input(request, index)
+                self._pending_materialize[identifier] = pruned[identifier]
         state.phase = _PRUNED
         state.outcome.update(status="pruned", prompt_tokens_prefilled=request.num_prompt_tokens)
         logger.debug("AsymVLM: request %s: vision tokens %d -> %d, prompt %d -> %d tokens, images %s",

@@ -471,7 +471,9 @@ def test_abort_between_rewrite_and_readmission(engines, trace):
     assert request.status.name == "WAITING" and request.num_computed_tokens == 0
     assert request.num_prompt_tokens == state.outcome["prompt_tokens_prefilled"] < state.outcome["prompt_tokens"]
     identifier = request.mm_features[0].identifier
-    assert sched.encoder_cache_manager.cached[identifier] == {req_id}  # its pruned embeddings wait
+    # Its pruned embeddings wait in the encoder cache, unreferenced (freeable) like every waiting
+    # request's: a reference held while waiting could starve a running request of cache space.
+    assert sched.encoder_cache_manager.cached[identifier] == set()
     engine.abort_request(["rewritten"])
     assert _drain(llm) == {}
     _assert_idle(engines, "llava")
@@ -498,7 +500,7 @@ def test_evicted_pruned_embeddings_are_encoded_again_and_sliced(engines, trace):
             if "#asymvlm" not in feature.identifier:
                 continue
             source = sched.asymvlm_state(request.request_id).pruned[feature.identifier].source
-            cache.free_encoder_input(request, index)
+            assert not cache.cached[feature.identifier]  # a waiting request holds no reference
             sched._pending_materialize.pop(feature.identifier, None)
             # can_allocate evicts the oldest unreferenced entries until this much is free.
             assert cache.can_allocate(request, index, 1 << 40, cache.num_freeable_slots - request.get_num_encoder_embeds(index))

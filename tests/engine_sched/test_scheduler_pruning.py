@@ -355,26 +355,79 @@ def _episode_specs(rng: random.Random, image_sizes: dict[str, int], pressure: bo
     return specs
 
 
+def _contention_specs(rng: random.Random, image_sizes: dict[str, int]) -> list[Spec]:
+    """A few text-only decoders, then bursts of image requests with little text before their
+    image and a tight pool: decoders that need a block preempt held probes (async) and
+    re-admitted pruned requests, pruned prompts are chunked, and other images evict the
+    pruned encoder-cache entries of preempted requests before these come back."""
+    specs: list[Spec] = []
+    bursts = [rng.randint(3, 12) for _ in range(rng.randint(1, 3))]
+    for i in range(rng.randint(2, 4)):
+        words = [rng.randrange(10, 900) for _ in range(rng.randint(4, 16))]
+        specs.append(Spec(f"d{i}", words, [], rng.randint(8, 24), rng.choice([0, 0, rng.randint(1, 8)])))
+    for i in range(rng.randint(6, 12)):
+        words = [rng.randrange(10, 900) for _ in range(rng.randint(2, 10))]
+        cut = rng.randint(1, min(4, len(words)))
+        identifier = rng.choice(sorted(image_sizes))
+        images = [(cut, image_sizes[identifier], identifier)]
+        if rng.random() < 0.2:
+            second = rng.choice(sorted(image_sizes))
+            images.append((len(words) + image_sizes[identifier], image_sizes[second], second))
+        specs.append(Spec(f"q{i}", words, images, rng.randint(2, 10), rng.choice(bursts)))
+    return specs
+
+
+# Probability per profile that an episode runs with vLLM's --no-scheduler-reserve-full-isl.
+# By default (reserve on) vLLM admits a waiting request only if its whole prompt -- for a probe,
+# the unpruned one -- fits in the free blocks, although the probe allocates for the text before
+# the image only; so the step after a probe nearly always has free blocks, and preemption of a
+# held probe (async) stays rare (4 in 1,000 async episodes). Without the reserve, admissions fill
+# the pool and held probes are preempted often.
+NO_RESERVE_FULL_ISL = {"mixed": 0.2, "pressure": 0.5, "contention": 0.7}
+
+
 def run_episode(seed: int, async_scheduling: bool, coverage: Coverage | None = None) -> None:
     rng = random.Random(seed * 2 + int(async_scheduling))
     coverage = coverage or Coverage()
-    bs = rng.choice([4, 8, 16])
-    max_batched, max_seqs = rng.choice([(16, 4), (32, 8), (64, 3), (512, 64)])
-    image_sizes = {f"img{seed}-{k}": rng.randint(1, 40) for k in range(rng.randint(1, 4))}
-    # "pressure" episodes: more requests, more of them unpruned, a pool that barely fits the
-    # largest: preemption (also of held and re-admitted requests) and encoder-cache eviction.
-    pressure = rng.random() < 0.3
-    specs = _episode_specs(rng, image_sizes, pressure)
-    largest_image = max(image_sizes.values())
-    encoder_budget = rng.choice([largest_image, 2 * largest_image, 4 * largest_image])
-    encoder_cache = rng.choice([encoder_budget, encoder_budget, 2 * encoder_budget, 4 * encoder_budget,
-                                encoder_budget + rng.randint(1, largest_image)])
-    need = max(math.ceil((s.prompt_len + s.max_tokens) / bs) for s in specs)
-    num_blocks = 1 + need + (rng.randint(0, need // 2) if pressure else rng.randint(0, 2 * need))
-    config = rng.choice([{}, UNIFORM_HALF, {"vision": {"budget": {"rule": "uniform", "ratio": 0.2}, "min_keep": 3}}])
+    # "mixed" episodes: everything, any sizes. "pressure": more requests, more of them
+    # unpruned, a pool that barely fits the largest: preemption (also of held and re-admitted
+    # requests) and encoder-cache eviction. "contention": see _contention_specs; what it
+    # reaches is gated below.
+    profile = rng.choices(("mixed", "pressure", "contention"), weights=(5, 3, 2))[0]
+    pressure = profile == "pressure"
+    if profile == "contention":
+        bs = 4
+        max_batched, max_seqs = rng.choice([(64, 16), (64, 24)])
+        image_sizes = {f"img{seed}-{k}": rng.randint(8, 24) for k in range(rng.randint(3, 6))}
+        specs = _contention_specs(rng, image_sizes)
+        # Room for one to eight requests' images: small caches evict.
+        encoder_budget = encoder_cache = (max(sum(n for _, n, _ in s.images) for s in specs)
+                                          * rng.choice([1, 2, 4, 8]))
+        need = max(math.ceil((s.prompt_len + s.max_tokens) / bs) for s in specs)
+        num_blocks = 1 + need + rng.randint(0, 4)
+        config = rng.choice([UNIFORM_HALF, {"vision": {"budget": {"rule": "uniform", "ratio": 0.2}, "min_keep": 3}}])
+        prefix_caching = rng.random() < 0.3  # without it a preempted pruned request needs its image again
+    else:
+        bs = rng.choice([4, 8, 16])
+        max_batched, max_seqs = rng.choice([(16, 4), (32, 8), (64, 3), (512, 64)])
+        image_sizes = {f"img{seed}-{k}": rng.randint(1, 40) for k in range(rng.randint(1, 4))}
+        specs = _episode_specs(rng, image_sizes, pressure)
+        largest_image = max(image_sizes.values())
+        encoder_budget = rng.choice([largest_image, 2 * largest_image, 4 * largest_image])
+        encoder_cache = rng.choice([encoder_budget, encoder_budget, 2 * encoder_budget, 4 * encoder_budget,
+                                    encoder_budget + rng.randint(1, largest_image)])
+        need = max(math.ceil((s.prompt_len + s.max_tokens) / bs) for s in specs)
+        num_blocks = 1 + need + (rng.randint(0, need // 2) if pressure else rng.randint(0, 2 * need))
+        config = rng.choice([{}, UNIFORM_HALF, {"vision": {"budget": {"rule": "uniform", "ratio": 0.2}, "min_keep": 3}}])
+        prefix_caching = rng.random() < 0.8
     sched = build_scheduler(num_blocks, bs, config, async_scheduling=async_scheduling, max_num_batched_tokens=max_batched,
-                            max_num_seqs=max_seqs, enable_prefix_caching=rng.random() < 0.8,
+                            max_num_seqs=max_seqs, enable_prefix_caching=prefix_caching,
                             encoder_cache_size=encoder_cache, max_num_encoder_input_tokens=encoder_budget)
+    if rng.random() < NO_RESERVE_FULL_ISL[profile]:
+        # What --no-scheduler-reserve-full-isl sets; this scheduler's VllmConfig is shared.
+        assert sched.scheduler_reserve_full_isl is True
+        sched.scheduler_reserve_full_isl = False
+        coverage.add("no_reserve_full_isl")
     ratio_rng_seed = rng.randrange(1 << 30)
     mode = rng.choice(["fixed", "random", "config"])
     fixed = rng.choice([0.1, 0.5, 0.75, 1.0])
@@ -383,9 +436,14 @@ def run_episode(seed: int, async_scheduling: bool, coverage: Coverage | None = N
         return random.Random(f"{ratio_rng_seed}:{request.request_id}:{index}").choice([0.05, 0.25, 0.5, 0.75, 1.0])
 
     keep = {"fixed": fixed, "random": random_ratio, "config": None}[mode]
-    runner = SimulatedRunner(sched, keep_ratio=keep, error_rate=rng.choice([0.0, 0.0, 0.1, 0.3]),
-                             missing_rate=rng.choice([0.0, 0.0, 0.1]), rng_seed=seed)
-    abort_p = rng.choice([0.0, 0.05, 0.15, 0.3])
+    if profile == "contention":
+        runner = SimulatedRunner(sched, keep_ratio=keep if mode != "fixed" else 0.5, rng_seed=seed)
+        abort_p = rng.choice([0.0, 0.0, 0.05])
+    else:
+        runner = SimulatedRunner(sched, keep_ratio=keep, error_rate=rng.choice([0.0, 0.0, 0.1, 0.3]),
+                                 missing_rate=rng.choice([0.0, 0.0, 0.1]), rng_seed=seed)
+        abort_p = rng.choice([0.0, 0.05, 0.15, 0.3])
+    coverage.add("profile_" + profile)
 
     by_id = {s.request_id: s for s in specs}
     requests = {s.request_id: make_request(sched, s.request_id, s.words, images=s.images, max_tokens=s.max_tokens,
@@ -396,6 +454,7 @@ def run_episode(seed: int, async_scheduling: bool, coverage: Coverage | None = N
         arrivals.setdefault(s.arrival, []).append(requests[s.request_id])
     aborted: set[str] = set()
     checked_rewrite: set[str] = set()
+    seen_pruned: set[str] = set()  # pruned identifiers the runner's encoder cache has held
 
     def live_ids():
         return [rid for rid, r in sched.requests.items() if not r.is_finished()]
@@ -451,11 +510,41 @@ def run_episode(seed: int, async_scheduling: bool, coverage: Coverage | None = N
         if plan.materialize:
             coverage.add("materialize", len(plan.materialize))
         for rid in so.preempted_req_ids or ():
-            if rid in sched.requests and sched.requests[rid].num_preemptions:
-                coverage.add("preempted")
-                state = sched.asymvlm_state(rid)
-                if state is not None and state.phase in ("probing", "pruned"):
-                    coverage.add(f"preempted_while_{state.phase}")
+            # Preempted in this schedule() (memory pressure), not released by a rewrite: only
+            # a real preemption leaves the request PREEMPTED (a rewrite re-queues it WAITING).
+            request = sched.requests.get(rid)
+            if request is None or request.status != RequestStatus.PREEMPTED:
+                continue
+            coverage.add("preempted")
+            state = sched.asymvlm_state(rid)
+            if state is None:
+                continue
+            if state.phase in ("probing", "pruned"):
+                coverage.add(f"preempted_while_{state.phase}")
+            elif state.phase == "new" and state.outcome.get("status") is None:
+                coverage.add("preempted_before_probe")  # text before its image prefilled, probe pending
+        for rid, n in so.num_scheduled_tokens.items():
+            state = sched.asymvlm_state(rid)
+            request = sched.requests[rid]
+            if (n and state is not None and state.phase == "pruned" and request.is_prefill_chunk
+                    and request.num_prompt_tokens < len(originals[rid])):
+                # The re-admitted pruned prompt, prefilled over more than one step.
+                coverage.add("chunked_pruned_prefill")
+        for rid, indices in so.scheduled_encoder_inputs.items():
+            if rid in plan.probes:
+                continue
+            request = sched.requests[rid]
+            for index in indices:
+                identifier = request.mm_features[index].identifier
+                if "#asymvlm" not in identifier:
+                    continue
+                # The encoder runs for a pruned identifier: the runner stores its output sliced
+                # to the keep set the plan carries.
+                how = plan.materialize.get(identifier)
+                assert how is not None, f"{rid}: encoder scheduled for {identifier} without its keep set"
+                assert runner.encoder_cache.get(identifier) == len(how.keep_rows) < how.num_rows
+                coverage.add("reencode_pruned_evicted" if identifier in seen_pruned else "reencode_pruned")
+        seen_pruned.update(k for k in runner.encoder_cache if "#asymvlm" in k)
         for request in sched.running:
             held = blocks_of(sched, request.request_id)
             assert held <= math.ceil((request.num_prompt_tokens + request.max_tokens) / bs), (request.request_id, held)
@@ -547,10 +636,26 @@ def test_randomized_episodes_leave_nothing_behind(async_scheduling, chunk):
     c = coverage.counts
     # The mix must actually reach every path it is meant to.
     for key in ("probe", "probe_offset_0", "probe_same_image_twice", "rewritten", "materialize", "prefix_hit",
-                "preempted", "abort_probing", "abort_before_readmission", "abort_in_flight", "abort_waiting",
-                "status_pruned", "status_error", "status_off", "status_too_large", "status_prefix_cached"):
+                "preempted", "preempted_before_probe", "abort_probing", "abort_before_readmission", "abort_in_flight",
+                "abort_waiting", "status_pruned", "status_error", "status_off", "status_too_large",
+                "status_prefix_cached"):
         assert c.get(key, 0) >= 3, f"episodes never (or rarely) hit {key}: {c}"
     assert c.get("pruned_tokens_saved", 0) > 0
+    # The hard paths, at least 10 times in each chunk (so per scheduler kind as well):
+    # - preempted while pruned: re-admitted after the rewrite, then preempted;
+    # - a re-admitted pruned prompt prefilled over more than one step;
+    # - a pruned encoder-cache entry evicted, then the encoder run again for the pruned
+    #   identifier and its output sliced to the keep set (checked in after_schedule);
+    # - async only: preempted while probing (held, its decision in flight), then rewritten
+    #   while it waits. The sync scheduler applies every decision before the next schedule(),
+    #   the only place where preemption happens, so a probing request cannot be preempted there.
+    hard = ["preempted_while_pruned", "chunked_pruned_prefill", "reencode_pruned_evicted"]
+    if async_scheduling:
+        hard.append("preempted_while_probing")
+    else:
+        assert c.get("preempted_while_probing", 0) == 0, c
+    for key in hard:
+        assert c.get(key, 0) >= 10, f"episodes reached {key} only {c.get(key, 0)} times (at least 10 needed): {c}"
 
 
 def test_the_runner_model_catches_a_scheduler_that_forgets_to_materialize():
@@ -588,3 +693,73 @@ def test_requests_held_back_from_probing_do_not_pin_cached_images(async_scheduli
 
     run(None)  # plain vLLM
     run(UNIFORM_HALF)  # hung before the fix: RuntimeError("drive: not done after 200 steps")
+
+
+# Regression: the rewrite of a request preempted while probing registered its pruned
+# encoder-cache entry although the image it is sliced from had been evicted meanwhile.
+@pytest.mark.parametrize("async_scheduling", [
+    pytest.param(False, id="sync"), pytest.param(True, id="async")])
+def test_probe_preempted_and_its_image_evicted_before_the_decision(async_scheduling):
+    """Under async scheduling a probe's decision arrives after the next step was scheduled. If the
+    probing request is preempted in between (here all running requests, by vLLM's
+    ``reset_prefix_cache(reset_running_requests=True)``, which the engine core runs between
+    steps; memory pressure does the same to the last running request), it drops its reference
+    on its image, and another request's image may evict it in that very step: the runner frees
+    it then. The rewrite must not then count on slicing the pruned rows from it: re-admission
+    has to run the encoder again (and the runner slices its output), or the runner misses the
+    pruned rows. The sync scheduler applies the decision first: nothing to recompute there."""
+    sched = build_scheduler(64, 4, UNIFORM_HALF, async_scheduling=async_scheduling, max_num_batched_tokens=64,
+                            max_num_seqs=8, encoder_cache_size=24, max_num_encoder_input_tokens=24)
+    runner = SimulatedRunner(sched, keep_ratio=0.5)
+    p = make_request(sched, "P", text(6), images=[(2, 16, "X")], max_tokens=3)
+    q = make_request(sched, "Q", text(6, start=500), images=[(2, 16, "Y")], max_tokens=3)
+    rec = Recorder(sched)
+
+    def before_schedule(step):
+        if step == 1:
+            state = sched.asymvlm_state("P")
+            assert state.phase == ("probing" if async_scheduling else "pruned")
+            assert sched.reset_prefix_cache(reset_running_requests=True)
+
+    result = drive(sched, runner, [p], arrivals={1: [q]}, before_schedule=before_schedule, after_schedule=rec)
+    steps = rec.scheduled()
+    assert list(steps[0]["plan"].probes) == ["P"] and list(steps[1]["plan"].probes) == ["Q"]
+    assert steps[1]["encoder"] == {"Q": [0]}  # Y evicts X (unreferenced, 16 + 16 > 24)
+    pruned = p.mm_features[0].identifier
+    assert pruned.startswith("X#asymvlm8of16")
+    if async_scheduling:
+        # X is gone: P's pruned rows come from the encoder, run again for the pruned identifier.
+        assert any(s["encoder"].get("P") == [0] for s in steps[2:])
+    assert sorted(result.finished) == ["P", "Q"]
+    assert all(o.kv_transfer_params["asymvlm"]["status"] == "pruned" for o in result.finished.values())
+    assert result.tokens == {"P": [SAMPLED_TOKEN_ID] * 3, "Q": [SAMPLED_TOKEN_ID] * 3}
+    assert_drained(sched, 64)
+
+
+# Regression: a rewritten request waiting for re-admission held a reference on its pruned
+# encoder-cache entry, so a running request whose image needed that space waited for it forever.
+@pytest.mark.parametrize("async_scheduling", [
+    pytest.param(False, id="sync"), pytest.param(True, id="async")])
+def test_waiting_pruned_requests_do_not_pin_the_encoder_cache(async_scheduling):
+    """W and H are probed and rewritten; R, admitted with them, has prefilled its text up to its
+    image Y, which did not fit the encoder cache next to their images. H (re-queued last, so
+    first in line) does not fit the free KV blocks until R finishes, and blocks the queue. R
+    needs encoder-cache space that W's pruned entry takes: if W, waiting behind H, keeps a
+    reference on it, neither R, H nor W ever runs. Like every waiting request in vLLM, a
+    rewritten one must hold no reference: R evicts the entry, and W's re-admission runs the
+    encoder again for its pruned identifier."""
+    sched = build_scheduler(26, 4, UNIFORM_HALF, async_scheduling=async_scheduling, max_num_batched_tokens=64,
+                            max_num_seqs=8, encoder_cache_size=40, max_num_encoder_input_tokens=40)
+    runner = SimulatedRunner(sched, keep_ratio=0.5)
+    w = make_request(sched, "W", text(6), images=[(2, 16, "X")], max_tokens=2)
+    h = make_request(sched, "H", text(42, start=100), images=[(2, 8, "Z")], max_tokens=2)
+    r = make_request(sched, "R", text(58, start=300), images=[(56, 34, "Y")], max_tokens=2,
+                     extra_args={"asymvlm": "off"})
+    rec = Recorder(sched)
+    result = drive(sched, runner, [w, h, r], after_schedule=rec, max_steps=200)
+    steps = rec.scheduled()
+    assert steps[0]["tokens"] == {"W": 2, "H": 2, "R": 56} and steps[0]["encoder"] == {"W": [0], "H": [0]}
+    assert sorted(result.finished) == ["H", "R", "W"]
+    kept = {rid: o.kv_transfer_params["asymvlm"]["vision_tokens_kept"] for rid, o in result.finished.items()}
+    assert kept == {"W": 8, "H": 4, "R": 34}
+    assert_drained(sched, 26)
