@@ -224,9 +224,12 @@ class AsymVLMRunnerMixin:
         # A probe step is a partial prefill whose sampled token vLLM discards; it then rewinds
         # the request's generator by its Philox offset, which CPU generators do not have
         # ("CPU Generator does not use offset"). Keep their state here and restore it instead.
-        num_reqs = self.input_batch.num_reqs
+        # CUDA generators have the offset: on a GPU this adds nothing to the step.
         saved = self._asymvlm_generator_states
         saved.clear()
+        if self.device.type != "cpu" or not self.input_batch.generators:
+            return super()._sample(*args, **kwargs)
+        num_reqs = self.input_batch.num_reqs
         for index in self.discard_request_mask.np[:num_reqs].nonzero()[0].tolist():
             generator = self.input_batch.generators.get(index)
             if generator is not None and generator.device.type == "cpu":
