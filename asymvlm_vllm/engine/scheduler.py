@@ -156,22 +156,30 @@ class AsymVLMScheduler(Scheduler):
         if state is not None and state.phase == _NEW and num_new_tokens:
             referenced = set(self.encoder_cache_manager.get_cached_input_ids(request))
             try:
-                probe = self._schedule_probe(request, state, *args)
+                probe = self._schedule_probe(request, state, referenced, *args)
             except Exception as e:  # one request's failure must not take the engine down
                 logger.exception("AsymVLM: probing request %s failed; it runs unpruned", request.request_id)
                 self._step_probes.pop(request.request_id, None)
-                for index in set(self.encoder_cache_manager.get_cached_input_ids(request)) - referenced:
-                    self.encoder_cache_manager.free_encoder_input(request, index)
+                self._release_references_since(request, referenced)
                 self._finish_record(state, "error", f"probing failed: {type(e).__name__}: {e}")
             else:
                 if probe is not None:
                     return probe
         return super()._try_schedule_encoder_inputs(request, *args)
 
-    def _schedule_probe(self, request, state, num_computed_tokens, num_new_tokens,
+    def _release_references_since(self, request: Request, referenced: set[int]) -> None:
+        """Give back the encoder-cache references ``request`` took beyond ``referenced``: vLLM's
+        encoder scheduling takes one on every cached image it finds, and a request that does
+        not run its images now would otherwise pin them."""
+        cache = self.encoder_cache_manager
+        for index in set(cache.get_cached_input_ids(request)) - referenced:
+            cache.free_encoder_input(request, index)
+
+    def _schedule_probe(self, request, state, referenced, num_computed_tokens, num_new_tokens,
                         encoder_compute_budget, shift_computed_tokens):
         """Encoder scheduling for a request not probed yet: probe it in this step, or wait
-        (schedule only the text before its first image); None: it runs unpruned."""
+        (schedule only the text before its first image); None: it runs unpruned.
+        ``referenced``: the request's encoder-cache references before this step."""
         first_offset = request.mm_features[0].mm_position.offset
         if num_computed_tokens > first_offset:
             # A prefix-cache hit already holds KV for part of the unpruned image (an earlier
@@ -183,16 +191,12 @@ class AsymVLMScheduler(Scheduler):
         if need > min(self.max_num_encoder_input_tokens, self.encoder_cache_manager.cache_size):
             self._finish_record(state, "too_large", f"its images' {need} encoder tokens exceed one step's encoder budget")
             return None
-        cache = self.encoder_cache_manager
-        referenced = set(cache.get_cached_input_ids(request))
         scheduled, covered, budget, external, duplicate = super()._try_schedule_encoder_inputs(
             request, num_computed_tokens, to_end, encoder_compute_budget, shift_computed_tokens)
         if covered < to_end or external:
             # Not every image can be encoded this step: run the text before the first image
-            # (if any) and probe later. vLLM's method took references on images it found
-            # cached; give them back, or a request that waits would pin them.
-            for index in set(cache.get_cached_input_ids(request)) - referenced:
-                cache.free_encoder_input(request, index)
+            # (if any) and probe later.
+            self._release_references_since(request, referenced)
             before = max(0, min(num_new_tokens, first_offset - num_computed_tokens))
             return [], before, encoder_compute_budget, [], []
         self._step_probes[request.request_id] = list(range(len(request.mm_features)))
