@@ -48,29 +48,25 @@ def tail(path: Path, chars: int = 6000) -> str:
 
 
 class Server:
-    """A running ``vllm serve``; ``outcomes`` collects every AsymVLM outcome a test recorded."""
+    """A running ``vllm serve``."""
 
     def __init__(self, url: str, model: str, log: Path, process: subprocess.Popen):
         self.url, self.model, self.log, self.process = url, model, log, process
-        self.outcomes: list[dict] = []
 
-    def chat(self, content, xargs: dict | None = None, max_tokens: int = 4, **body):
+    def chat_body(self, content, max_tokens: int = 4, **extra) -> dict:
+        """A greedy one-turn chat request (``extra``: more request fields, e.g. ``vllm_xargs``)."""
+        return {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "max_tokens": max_tokens, "temperature": 0.0, **extra}
+
+    def post(self, path: str, body: dict, timeout: float = REQUEST_TIMEOUT_S):
         import httpx
 
-        payload = {"model": self.model, "messages": [{"role": "user", "content": content}],
-                   "max_tokens": max_tokens, "temperature": 0.0, **body}
-        if xargs is not None:
-            payload["vllm_xargs"] = xargs
-        response = httpx.post(f"{self.url}/v1/chat/completions", json=payload, timeout=REQUEST_TIMEOUT_S)
-        if response.status_code == 200:
-            self.record(response.json().get("kv_transfer_params"))
-        return response
+        return httpx.post(f"{self.url}{path}", json=body, timeout=timeout)
 
-    def record(self, kv_transfer_params) -> dict | None:
-        outcome = (kv_transfer_params or {}).get("asymvlm")
-        if outcome is not None:
-            self.outcomes.append(outcome)
-        return outcome
+    def chat(self, content, xargs: dict | None = None, max_tokens: int = 4, **extra):
+        if xargs is not None:
+            extra["vllm_xargs"] = xargs
+        return self.post("/v1/chat/completions", self.chat_body(content, max_tokens, **extra))
 
     def metrics(self) -> dict[str, float]:
         """Every sample on ``/metrics`` (vLLM's and AsymVLM's), by name with labels."""

@@ -34,17 +34,6 @@ FUZZ_REQUESTS = 320
 FUZZ_WORKERS = 6
 
 
-def _post(server, path: str, body: dict, timeout: float = REQUEST_TIMEOUT_S):
-    import httpx
-
-    return httpx.post(f"{server.url}{path}", json=body, timeout=timeout)
-
-
-def _chat_body(server, content, max_tokens: int = 4, **extra) -> dict:
-    return {"model": server.model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": 0.0, **extra}
-
-
 def _outcome(body: dict) -> dict:
     outcome = (body.get("kv_transfer_params") or {}).get("asymvlm")
     assert outcome is not None, body
@@ -61,9 +50,9 @@ def _ok(response) -> dict:
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_seeded_sampling_with_an_image(server, n):
-    body = _chat_body(server, image_content(1000 + n), max_tokens=6, temperature=0.9, seed=42, n=n)
-    first = _ok(_post(server, "/v1/chat/completions", body))
-    again = _ok(_post(server, "/v1/chat/completions", body))
+    body = server.chat_body(image_content(1000 + n), max_tokens=6, temperature=0.9, seed=42, n=n)
+    first = _ok(server.post("/v1/chat/completions", body))
+    again = _ok(server.post("/v1/chat/completions", body))
     assert _outcome(first)["status"] == "pruned"
     assert len(first["choices"]) == n
     # The same seed gives the same samples (the second run reuses the pruned prefix).
@@ -74,7 +63,7 @@ def test_seeded_sampling_with_an_image(server, n):
 @pytest.mark.parametrize("extra", [{"prompt_logprobs": 0}, {"prompt_logprobs": 1}, {"echo": True, "logprobs": True,
                                                                                      "top_logprobs": 1}])
 def test_prompt_logprobs_and_echo_run_unpruned_and_cover_the_whole_prompt(server, extra):
-    body = _ok(_post(server, "/v1/chat/completions", _chat_body(server, image_content(1010), **extra)))
+    body = _ok(server.post("/v1/chat/completions", server.chat_body(image_content(1010), **extra)))
     outcome = _outcome(body)
     assert outcome["status"] == "unsupported_option" and "prompt_logprobs" in outcome["reason"]
     assert outcome["vision_tokens_kept"] == VISION_TOKENS and "prompt_tokens_prefilled" not in outcome
@@ -88,7 +77,7 @@ def test_prompt_logprobs_and_echo_run_unpruned_and_cover_the_whole_prompt(server
 def test_completions_echo_with_logprobs(server):
     # /v1/completions takes no image here (a text prompt): echo with logprobs, the log-likelihood
     # request of evaluation harnesses, stays an ordinary request with the plugin on.
-    body = _ok(_post(server, "/v1/completions", {"model": server.model, "prompt": "Hello there, how are you",
+    body = _ok(server.post("/v1/completions", {"model": server.model, "prompt": "Hello there, how are you",
                                                  "max_tokens": 3, "echo": True, "logprobs": 1, "temperature": 0.0}))
     assert len(body["choices"][0]["logprobs"]["tokens"]) == body["usage"]["prompt_tokens"] + 3
     assert "asymvlm" not in (body.get("kv_transfer_params") or {})
@@ -96,12 +85,12 @@ def test_completions_echo_with_logprobs(server):
 
 
 def test_stop_string_keeps_the_outcome_and_the_metrics(server):
-    plain = _ok(_post(server, "/v1/chat/completions", _chat_body(server, image_content(1020), max_tokens=8)))
+    plain = _ok(server.post("/v1/chat/completions", server.chat_body(image_content(1020), max_tokens=8)))
     text = plain["choices"][0]["message"]["content"]
     stop = text[len(text) // 2: len(text) // 2 + 2]
     assert stop.strip(), text
     before = server.metrics()
-    stopped = _ok(_post(server, "/v1/chat/completions", _chat_body(server, image_content(1021), max_tokens=8,
+    stopped = _ok(server.post("/v1/chat/completions", server.chat_body(image_content(1021), max_tokens=8,
                                                                     stop=[stop])))
     after = server.metrics()
     outcome = _outcome(stopped)
@@ -113,7 +102,7 @@ def test_stop_string_keeps_the_outcome_and_the_metrics(server):
 def test_streaming_reports_the_outcome_in_the_last_chunk(server):
     import httpx
 
-    body = _chat_body(server, image_content(1030), max_tokens=5, stream=True)
+    body = server.chat_body(image_content(1030), max_tokens=5, stream=True)
     outcomes = []
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S) as response:
         assert response.status_code == 200
@@ -140,34 +129,34 @@ def test_streaming_reports_the_outcome_in_the_last_chunk(server):
     ({"asymvlm_keep_ratio": 0.5, "asymvlm_budget": "adaptive"}, "not both"),
 ])
 def test_loose_or_bad_options_are_http_400_streaming_included(server, xargs, named, stream):
-    body = _chat_body(server, image_content(1040), vllm_xargs=xargs, stream=stream)
-    response = _post(server, "/v1/chat/completions", body)
+    body = server.chat_body(image_content(1040), vllm_xargs=xargs, stream=stream)
+    response = server.post("/v1/chat/completions", body)
     assert response.status_code == 400, response.text
     assert named in response.json()["error"]["message"]
 
 
 def test_completions_endpoint_rejects_bad_options_too(server):
-    response = _post(server, "/v1/completions", {"model": server.model, "prompt": "Hello", "max_tokens": 2,
+    response = server.post("/v1/completions", {"model": server.model, "prompt": "Hello", "max_tokens": 2,
                                                  "stream": True, "vllm_xargs": {"asymvlm_keep_ratio": True}})
     assert response.status_code == 400 and "asymvlm_keep_ratio" in response.json()["error"]["message"]
 
 
 def test_truncate_prompt_tokens(server):
     # Kept whole (the limit is above the prompt's length): pruned as usual.
-    body = _ok(_post(server, "/v1/chat/completions", _chat_body(server, image_content(1060), truncate_prompt_tokens=400)))
+    body = _ok(server.post("/v1/chat/completions", server.chat_body(image_content(1060), truncate_prompt_tokens=400)))
     assert _outcome(body)["status"] == "pruned"
     # Cut through the image: vLLM's front end refuses it before the engine sees it, exactly as
     # with AsymVLM off for this request.
-    ours = _post(server, "/v1/chat/completions", _chat_body(server, image_content(1061), truncate_prompt_tokens=5))
-    theirs = _post(server, "/v1/chat/completions", _chat_body(server, image_content(1061), truncate_prompt_tokens=5,
+    ours = server.post("/v1/chat/completions", server.chat_body(image_content(1061), truncate_prompt_tokens=5))
+    theirs = server.post("/v1/chat/completions", server.chat_body(image_content(1061), truncate_prompt_tokens=5,
                                                                vllm_xargs={"asymvlm": "off"}))
     assert ours.status_code != 200 and (ours.status_code, ours.json()) == (theirs.status_code, theirs.json())
     assert server.alive()
 
 
 def test_ratio_below_min_keep_reports_what_was_kept(server):
-    outcome = _outcome(_ok(_post(server, "/v1/chat/completions", _chat_body(
-        server, image_content(1050), vllm_xargs={"asymvlm_keep_ratio": 0.01}))))
+    body = server.chat_body(image_content(1050), vllm_xargs={"asymvlm_keep_ratio": 0.01})
+    outcome = _outcome(_ok(server.post("/v1/chat/completions", body)))
     (image,) = outcome["images"]
     assert image["kept"] == PRESET_MIN_KEEP
     assert image["keep_ratio"] == PRESET_MIN_KEEP / VISION_TOKENS and image["budget_ratio"] == 0.01
@@ -291,10 +280,10 @@ def _send(server, path: str, body: dict, how: str) -> int:
     import httpx
 
     if how == "plain":
-        return _post(server, path, body).status_code
+        return server.post(path, body).status_code
     if how == "abort":
         try:
-            return _post(server, path, body, timeout=0.05).status_code
+            return server.post(path, body, timeout=0.05).status_code
         except httpx.TimeoutException:
             return 0
     with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=REQUEST_TIMEOUT_S) as response:
@@ -312,7 +301,7 @@ def _short(body: dict) -> str:
 
 
 def _fixed_request(server) -> tuple[str, dict]:
-    body = _ok(_post(server, "/v1/chat/completions", _chat_body(server, image_content(1999), max_tokens=8)))
+    body = _ok(server.post("/v1/chat/completions", server.chat_body(image_content(1999), max_tokens=8)))
     return body["choices"][0]["message"]["content"], _outcome(body)
 
 
@@ -331,8 +320,8 @@ def test_fuzz_leaves_the_server_alive_idle_and_unchanged(server):
     # (not streamed) with and without AsymVLM and must get the very same answer.
     for (path, body, _), status in zip(requests, statuses):
         if status >= 500:
-            ours = _post(server, path, {**body, "stream": False})
-            theirs = _post(server, path, {**body, "stream": False, "vllm_xargs": {"asymvlm": "off"}})
+            ours = server.post(path, {**body, "stream": False})
+            theirs = server.post(path, {**body, "stream": False, "vllm_xargs": {"asymvlm": "off"}})
             assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json()), _short(body)
     seen = set(statuses)
     assert 200 in seen and 400 in seen and 0 in seen, seen  # answered, refused and cut-off requests all happened

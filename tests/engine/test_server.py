@@ -128,7 +128,7 @@ def test_openai_client(server):
         model=server.model, messages=messages, max_tokens=4, temperature=0.0,
         extra_body={"vllm_xargs": {"asymvlm_keep_ratio": 0.25, "asymvlm_min_keep": 1}},
     )
-    outcome = server.record(completion.model_extra["kv_transfer_params"])
+    outcome = completion.model_extra["kv_transfer_params"]["asymvlm"]
     assert outcome["status"] == "pruned" and outcome["vision_tokens_kept"] == 16
     assert completion.usage.prompt_tokens == outcome["prompt_tokens"]
 
