@@ -151,3 +151,31 @@ def decide_reference(input_ids, vision_mask, structure_token_ids, embedding_tabl
         out.append({"keep_rows": sorted(fixed + selected), "gap": gap, "ratio": ratio, "count": count,
                     "prunable": prunable, "scores": scores, "num_rows": rows.shape[0]})
     return out
+
+
+def block_attention_mass_reference(attention, block_size):
+    """Attention mass per KV block from one query's attention over a request's live tokens:
+    the head mean of ``attention`` (heads, T), summed over each block of ``block_size``
+    consecutive tokens (the last block may be partial); float64 numpy, shape (⌈T / bs⌉,)."""
+    a = np.asarray(attention, dtype=np.float64)
+    heads, tokens = a.shape
+    out = np.zeros(-(-tokens // block_size))
+    for t in range(tokens):
+        out[t // block_size] += sum(a[h, t] for h in range(heads)) / heads
+    return out
+
+
+def evict_blocks_reference(mass, num_prompt_tokens, num_tokens, budget, block_size, protected_recent_blocks):
+    """The paper's block-granular rule, written out: once the generated tokens among the
+    ``num_tokens`` live ones exceed ``budget``, evict the fewest whole blocks that bring them back
+    to it, lowest mass first (older first on ties). Candidates hold generated tokens only and are
+    neither the newest block nor one of the ``protected_recent_blocks`` before it."""
+    excess = num_tokens - num_prompt_tokens - budget
+    if excess <= 0:
+        return []
+    num_blocks = -(-num_tokens // block_size)
+    first = -(-num_prompt_tokens // block_size)
+    candidates = list(range(first, num_blocks - 1 - protected_recent_blocks))
+    count = min(-(-excess // block_size), len(candidates))
+    ranked = sorted(candidates, key=lambda b: (float(mass[b]), b))
+    return sorted(ranked[:count])

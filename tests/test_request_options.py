@@ -58,6 +58,14 @@ def test_a_tier_fixes_the_ratio_of_the_configured_rule(tier, ratio):
     ({"asymvlm_min_keep": "32"}, "asymvlm_min_keep: must be a JSON integer"),
     ({"asymvlm_min_keep": 1.0}, "asymvlm_min_keep: must be a JSON integer"),
     ({"asymvlm_min_keep": True}, "asymvlm_min_keep: must be a JSON integer"),
+    ({"asymvlm_text_eviction": "yes"}, "asymvlm_text_eviction: must be the string 'on' or 'off'"),
+    ({"asymvlm_text_eviction": True}, "asymvlm_text_eviction: must be the string 'on' or 'off'"),
+    ({"asymvlm_text_budget": 0}, "asymvlm_text_budget: must be an integer in .1"),
+    ({"asymvlm_text_budget": 64.0}, "asymvlm_text_budget: must be a JSON integer"),
+    ({"asymvlm_text_budget": "64"}, "asymvlm_text_budget: must be a JSON integer"),
+    ({"asymvlm_text_budget": 2**20 + 1}, "asymvlm_text_budget: must be an integer in .1"),
+    ({"asymvlm_text_eviction": "off", "asymvlm_text_budget": 64}, "asymvlm_text_budget is set"),
+    ({"asymvlm": "off", "asymvlm_text_budget": 64}, "other asymvlm_. options are set"),
     ({"asymvlm_min_keep": 2**64 - 1}, "asymvlm_min_keep: must be an integer in"),
     ({"asymvlm_min_keep": 2**20 + 1}, "asymvlm_min_keep: must be an integer in"),
     ({"asymvlm_keep_ratio": 0.5, "asymvlm_budget": "adaptive"}, "not both"),
@@ -73,3 +81,21 @@ def test_options_round_trip_through_extra_args():
     options = RequestOptions(keep_ratio=0.3, min_keep=4)
     assert request_options_from_extra_args(options.to_extra_args()) == options
     assert RequestOptions().to_extra_args() == {}
+
+
+@pytest.mark.parametrize("extra, enabled, budget", [
+    (None, False, None),
+    (None, True, 512),
+    ({"asymvlm_text_eviction": "on"}, False, 512),
+    ({"asymvlm_text_budget": 48}, False, 48),
+    ({"asymvlm_text_budget": 48}, True, 48),
+    ({"asymvlm_text_eviction": "off"}, True, None),
+    ({"asymvlm": "off"}, True, None),
+])
+def test_text_eviction_budget_per_request(extra, enabled, budget):
+    from asymvlm_vllm.core.config import TextEvictionConfig
+
+    configured = TextEvictionConfig(enabled=enabled, budget_tokens=512)
+    assert request_options_from_extra_args(extra).text_eviction_budget(configured) == budget
+    options = request_options_from_extra_args(extra)
+    assert request_options_from_extra_args(options.to_extra_args()) == options

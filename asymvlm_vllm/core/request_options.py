@@ -12,18 +12,29 @@ key                         value
 ``asymvlm_budget``          ``"adaptive"`` (the configured rule, default) or a fixed tier of
                             it: ``"conservative"``, ``"moderate"``, ``"aggressive"``
 ``asymvlm_min_keep``        a JSON integer in [1, 2**20]: never keep fewer tokens per image
+``asymvlm_text_eviction``   ``"on"`` or ``"off"``: evict generated tokens' KV blocks once they
+                            exceed the budget (default: the server's ``text.enabled``)
+``asymvlm_text_budget``     a JSON integer in [1, 2**20]: generated tokens kept before eviction
+                            starts (default: the server's ``text.budget_tokens``); implies
+                            ``asymvlm_text_eviction`` ``"on"`` unless that says ``"off"``
 ==========================  ===============================================================
+
+``"asymvlm": "off"`` turns both halves off for the request and allows no other key.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+import re
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .budget import BudgetRule, LinearBudget, ThresholdBudget, UniformBudget
 from .errors import AsymVLMError, format_validation_error
+
+if TYPE_CHECKING:
+    from .config import TextEvictionConfig
 
 __all__ = ["RequestOptions", "RequestOptionsError", "request_options_from_extra_args"]
 
@@ -35,6 +46,8 @@ _KEYS = {
     "asymvlm_keep_ratio": "keep_ratio",
     "asymvlm_budget": "budget",
     "asymvlm_min_keep": "min_keep",
+    "asymvlm_text_eviction": "text_eviction",
+    "asymvlm_text_budget": "text_budget",
 }
 
 
@@ -51,10 +64,12 @@ class RequestOptions(BaseModel):
     keep_ratio: float | None = Field(default=None, description="fixed keep ratio in (0, 1]")
     budget: Literal["adaptive", "conservative", "moderate", "aggressive"] = "adaptive"
     min_keep: int | None = Field(default=None, ge=1)
+    text_eviction: bool | None = None
+    text_budget: int | None = Field(default=None, ge=1)
 
-    @field_validator("enabled", mode="before")
+    @field_validator("enabled", "text_eviction", mode="before")
     @classmethod
-    def _on_off(cls, value: Any) -> bool:
+    def _on_off(cls, value: Any) -> bool | None:
         # Strict: a JSON client that sends true, 1 or "yes" may mean something else; say so.
         if value in ("on", "off") and isinstance(value, str):
             return value == "on"
@@ -72,7 +87,7 @@ class RequestOptions(BaseModel):
             raise ValueError(f"must be a number in (0, 1], got {value!r}")
         return ratio
 
-    @field_validator("min_keep", mode="before")
+    @field_validator("min_keep", "text_budget", mode="before")
     @classmethod
     def _integer(cls, value: Any) -> Any:
         if value is None:
@@ -90,7 +105,17 @@ class RequestOptions(BaseModel):
             raise ValueError("asymvlm is 'off' for this request but other asymvlm_* options are set")
         if self.keep_ratio is not None and "budget" in given:
             raise ValueError("set either asymvlm_keep_ratio or asymvlm_budget, not both")
+        if self.text_eviction is False and self.text_budget is not None:
+            raise ValueError("asymvlm_text_eviction is 'off' but asymvlm_text_budget is set")
         return self
+
+    def text_eviction_budget(self, configured: TextEvictionConfig) -> int | None:
+        """Generated tokens this request keeps before eviction starts; None: no eviction."""
+        if not self.enabled or self.text_eviction is False:
+            return None
+        if self.text_eviction is None and self.text_budget is None and not configured.enabled:
+            return None
+        return self.text_budget if self.text_budget is not None else configured.budget_tokens
 
     def budget_rule(self, configured: BudgetRule) -> BudgetRule:
         """The rule this request uses, given the server's configured rule."""
@@ -114,7 +139,7 @@ class RequestOptions(BaseModel):
         for key, name in _KEYS.items():
             value = getattr(self, name)
             if value != type(self).model_fields[name].default:
-                out[key] = ("on" if value else "off") if name == "enabled" else value
+                out[key] = ("on" if value else "off") if name in ("enabled", "text_eviction") else value
         return out
 
 
@@ -140,5 +165,5 @@ def request_options_from_extra_args(extra_args: dict[str, Any] | None) -> Reques
         by_field = {v: k for k, v in _KEYS.items()}
         message = format_validation_error(e, "invalid AsymVLM request options (vllm_xargs)")
         for name, key in by_field.items():
-            message = message.replace(f"{name}:", f"{key}:")
+            message = re.sub(rf"(?<![\w]){name}:", f"{key}:", message)
         raise RequestOptionsError(message) from None

@@ -22,7 +22,16 @@ name                                   type        meaning
 ``asymvlm_keep_ratio``                 histogram   per request, kept / in
 ``asymvlm_probe_seconds``              histogram   probe step: scheduled → decision applied
 ``asymvlm_scoring_seconds``            histogram   scoring and budget inside the probe step
+``asymvlm_text_requests_total``        counter     finished requests with text eviction, label
+                                                   ``status`` (``on`` or why it could not run)
+``asymvlm_evictions_total``            counter     eviction steps (one per request and step)
+``asymvlm_evicted_blocks_total``       counter     KV blocks freed by eviction
+``asymvlm_evicted_tokens_total``       counter     generated tokens evicted
+``asymvlm_peak_live_blocks``           histogram   per request, the most KV blocks it held
+``asymvlm_eviction_seconds``           histogram   per request, time choosing its evictions
 =====================================  ==========  ==============================================
+
+Vision metrics count image requests only; text metrics count requests with eviction on.
 """
 
 from __future__ import annotations
@@ -40,6 +49,12 @@ METRIC_NAMES = (
     "asymvlm_keep_ratio",
     "asymvlm_probe_seconds",
     "asymvlm_scoring_seconds",
+    "asymvlm_text_requests_total",
+    "asymvlm_evictions_total",
+    "asymvlm_evicted_blocks_total",
+    "asymvlm_evicted_tokens_total",
+    "asymvlm_peak_live_blocks",
+    "asymvlm_eviction_seconds",
 )
 
 _KEY = "asymvlm"
@@ -64,6 +79,15 @@ def _get_metrics() -> dict[str, Any]:
                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)),
                 "scoring": Histogram("asymvlm_scoring_seconds", "Scoring and budget inside the probe step",
                                      buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)),
+                "text_requests": Counter("asymvlm_text_requests", "Finished requests with text eviction", ["status"]),
+                "evictions": Counter("asymvlm_evictions", "Eviction steps (one per request and step)"),
+                "evicted_blocks": Counter("asymvlm_evicted_blocks", "KV blocks freed by text eviction"),
+                "evicted_tokens": Counter("asymvlm_evicted_tokens", "Generated tokens evicted"),
+                "peak_blocks": Histogram("asymvlm_peak_live_blocks", "Per request, the most KV blocks it held",
+                                         buckets=(4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)),
+                "eviction_seconds": Histogram("asymvlm_eviction_seconds", "Per request, time spent choosing evictions",
+                                              buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                       1.0)),
             }
         return _metrics
 
@@ -71,6 +95,17 @@ def _get_metrics() -> dict[str, Any]:
 def observe_outcome(outcome: dict[str, Any]) -> None:
     """Record one finished request's outcome dict."""
     metrics = _get_metrics()
+    text = outcome.get("text")
+    if isinstance(text, dict):
+        metrics["text_requests"].labels(status=str(text.get("status", "unknown"))).inc()
+        metrics["evictions"].inc(int(text.get("eviction_steps", 0)))
+        metrics["evicted_blocks"].inc(int(text.get("evicted_blocks", 0)))
+        metrics["evicted_tokens"].inc(int(text.get("evicted_tokens", 0)))
+        if text.get("status") == "on":
+            metrics["peak_blocks"].observe(int(text.get("peak_live_blocks", 0)))
+            metrics["eviction_seconds"].observe(float(text.get("eviction_seconds", 0.0)))
+    if "vision_tokens" not in outcome:
+        return  # a text-only request
     metrics["requests"].labels(status=str(outcome.get("status", "unknown"))).inc()
     tokens = int(outcome.get("vision_tokens", 0))
     kept = int(outcome.get("vision_tokens_kept", tokens))

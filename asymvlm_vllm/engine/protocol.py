@@ -49,9 +49,12 @@ class StepPlan:
     mrope: dict[str, tuple[list[list[int]], int]] = field(default_factory=dict)
     """Request id → (kept tokens' original (3, T') M-RoPE positions, position delta), for
     requests (re)admitted in this step after pruning."""
+    text: dict[str, Any] = field(default_factory=dict)
+    """Request id → its :class:`~asymvlm_vllm.core.eviction.BlockEviction`, for requests
+    (re)admitted in this step whose generated tokens are evicted past a budget."""
 
     def __bool__(self) -> bool:
-        return bool(self.probes or self.materialize or self.mrope)
+        return bool(self.probes or self.materialize or self.mrope or self.text)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from ..core.selection import decide_vision_pruning
 from .families import VisionFamily, family_for
 from .protocol import ImageDecision, Materialize, RequestDecision, StepPlan
 from .settings import asymvlm_config_from
+from .text_eviction import TextEvictionRunnerMixin
 
 __all__ = ["AsymVLMRunnerMixin", "decide_request"]
 
@@ -106,7 +107,7 @@ def decide_request(
     return RequestDecision(images=images, scoring_seconds=time.perf_counter() - started)
 
 
-class AsymVLMRunnerMixin:
+class AsymVLMRunnerMixin(TextEvictionRunnerMixin):
     """Mixed in front of vLLM's V1 ``GPUModelRunner`` (or ``CPUModelRunner``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -119,12 +120,18 @@ class AsymVLMRunnerMixin:
         self._asymvlm_pending: dict[str, RequestDecision] = {}
         self._asymvlm_unmaterialized: set[str] = set()
         self._asymvlm_generator_states: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
+        self._text_init()
 
     def load_model(self, *args: Any, **kwargs: Any):
         result = super().load_model(*args, **kwargs)
         # A scorer file that does not fit this model stops start-up here, with the file's name.
         hidden = self.model_config.get_hidden_size()
         self._asymvlm_ranker = self.asymvlm_config.vision.make_ranker(expected_hidden_size=hidden)
+        return result
+
+    def initialize_kv_cache(self, *args: Any, **kwargs: Any):
+        result = super().initialize_kv_cache(*args, **kwargs)
+        self._text_setup()
         return result
 
     # -------------------------------------------------------------- plan intake
@@ -143,7 +150,14 @@ class AsymVLMRunnerMixin:
         for identifier in scheduler_output.free_encoder_mm_hashes:
             self._asymvlm_keep.pop(identifier, None)
             self._asymvlm_unmaterialized.discard(identifier)
-        return super()._update_states(scheduler_output)
+        result = super()._update_states(scheduler_output)
+        self._text_update_states(scheduler_output, self._asymvlm_plan.text if self._asymvlm_plan is not None else {})
+        return result
+
+    def _prepare_inputs(self, scheduler_output: Any, *args: Any, **kwargs: Any):
+        result = super()._prepare_inputs(scheduler_output, *args, **kwargs)
+        self._text_find_due(scheduler_output)
+        return result
 
     def _materialize(self, identifier: str, how: Materialize) -> None:
         if identifier in self.encoder_cache:
@@ -252,18 +266,27 @@ class AsymVLMRunnerMixin:
 
     # -------------------------------------------------------------- answer
     def _attach_decisions(self, output: Any) -> Any:
-        if not self._asymvlm_pending or output is None:
+        if not (self._asymvlm_pending or self._text_choices) or output is None:
             return output
         target = getattr(output, "_model_runner_output", output)  # the async wrapper holds the real one
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
         if target is EMPTY_MODEL_RUNNER_OUTPUT or not isinstance(target, ModelRunnerOutput):
             return output  # keep them for the step's real output
-        target.asymvlm_decisions, self._asymvlm_pending = self._asymvlm_pending, {}
+        if self._asymvlm_pending:
+            target.asymvlm_decisions, self._asymvlm_pending = self._asymvlm_pending, {}
+        if self._text_choices:
+            target.asymvlm_evictions, self._text_choices = self._text_choices, {}
         return output
 
     def execute_model(self, *args: Any, **kwargs: Any):
-        return self._attach_decisions(super().execute_model(*args, **kwargs))
+        output = super().execute_model(*args, **kwargs)
+        if self._text_due:
+            try:
+                self._text_evict()
+            except Exception:  # one step's eviction failing must not take the engine down
+                logger.exception("AsymVLM: choosing blocks to evict failed; nothing is evicted in this step")
+        return self._attach_decisions(output)
 
     def sample_tokens(self, *args: Any, **kwargs: Any):
         return self._attach_decisions(super().sample_tokens(*args, **kwargs))

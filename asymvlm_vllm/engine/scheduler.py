@@ -35,6 +35,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType
 from vllm.v1.request import Request, RequestStatus
 
+from ..core.eviction import BlockEviction
 from ..core.prompt_rewrite import PlaceholderSpan, pruned_identifier, rewrite_prompt
 from ..core.request_options import RequestOptionsError, request_options_from_extra_args
 from .families import family_for
@@ -59,6 +60,16 @@ class RequestPruning:
     pruned: dict[str, Materialize] = field(default_factory=dict)
     """Pruned identifier → how the runner builds its embeddings."""
     mrope: tuple[list[list[int]], int] | None = None
+
+
+@dataclass
+class RequestEvictionRecord:
+    """The scheduler's record of a request whose generated tokens are evicted past a budget."""
+
+    policy: BlockEviction
+    outcome: dict[str, Any] = field(default_factory=dict)
+    holes: int = 0
+    """Evicted blocks the request holds as null blocks now (0 again after a preemption)."""
 
 
 def _spans(request: Request) -> list[PlaceholderSpan]:
@@ -94,6 +105,19 @@ class AsymVLMScheduler(Scheduler):
         self._step_probes: dict[str, list[int]] = {}
         self._pending_materialize: dict[str, Materialize] = {}
         self._missing_decision_warned = False
+        self._text: dict[str, RequestEvictionRecord] = {}
+        self.eviction_log: list[tuple[str, Any]] | None = None
+        """Set to a list to record every applied eviction as (request id, runner choice)."""
+        self._text_full_group = 0
+        self._text_groups = self._full_attention_groups()
+        if self._text_groups:
+            coordinator = self.kv_cache_manager.coordinator
+            cache_blocks = coordinator.cache_blocks
+
+            def cache_blocks_before_evictions(request, num_computed_tokens):
+                return cache_blocks(request, min(num_computed_tokens, self._cacheable_tokens(request)))
+
+            coordinator.cache_blocks = cache_blocks_before_evictions
         if self.asymvlm_config.vision.enabled and self._family is None and model_config is not None:
             logger.warning("AsymVLM: %s is not a supported architecture; requests run unpruned",
                            getattr(model_config.hf_config, "architectures", None))
@@ -103,7 +127,57 @@ class AsymVLMScheduler(Scheduler):
         """AsymVLM's record of a live request (None for requests it does not touch)."""
         return self._pruning.get(request_id)
 
+    def _full_attention_groups(self) -> list[int]:
+        """The KV-cache groups evicted blocks are freed from: every group, when all are full or
+        sliding-window attention and one is full; none otherwise (eviction is unavailable)."""
+        from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SlidingWindowManager
+
+        from .text_eviction import evictable_kind
+
+        managers = getattr(getattr(self.kv_cache_manager, "coordinator", None), "single_type_managers", ())
+        kinds = [evictable_kind(m.kv_cache_spec) if type(m) in (FullAttentionManager, SlidingWindowManager) else None
+                 for m in managers]
+        if not kinds or None in kinds or "full" not in kinds:
+            return []
+        self._text_full_group = kinds.index("full")
+        return list(range(len(managers)))
+
+    def _cacheable_tokens(self, request: Request) -> int:
+        """Prefix caching stops where eviction may start: a block computed after the request's
+        first eviction attended without the evicted tokens, so its KV is right for this request
+        only. Eviction starts once the generated tokens exceed the budget, so every token
+        before prompt + budget was computed with all of its context and stays shareable."""
+        record = self._text_active(request.request_id)
+        if record is None:
+            return 1 << 62
+        return request.num_prompt_tokens + record.policy.budget
+
+    def _add_text_record(self, request: Request) -> None:
+        params = request.sampling_params
+        try:
+            options = request_options_from_extra_args(params.extra_args if params is not None else None)
+        except RequestOptionsError:
+            return  # refused at the front end; an image request's record says why
+        budget = options.text_eviction_budget(self.asymvlm_config.text)
+        if budget is None:
+            return
+        outcome: dict[str, Any] = {"status": "on", "budget_tokens": budget, "evicted_tokens": 0, "evicted_blocks": 0,
+                                   "eviction_steps": 0, "peak_live_blocks": 0, "eviction_seconds": 0.0}
+        if not self._text_groups:
+            outcome.update(status="unsupported_model", reason="the model has no full-attention KV cache to evict from")
+        elif self.vllm_config.speculative_config is not None:
+            outcome.update(status="unsupported_option", reason="text eviction does not run with speculative decoding")
+        policy = BlockEviction(budget, self.block_size, self.asymvlm_config.text.protected_recent_blocks)
+        self._text[request.request_id] = RequestEvictionRecord(policy, outcome)
+
+    def _text_active(self, request_id: str) -> RequestEvictionRecord | None:
+        record = self._text.get(request_id)
+        return record if record is not None and record.outcome["status"] == "on" else None
+
     def add_request(self, request: Request) -> None:
+        self._add_text_record(request)
+        if request.request_id in self._text:
+            self._unannounced.add(request.request_id)
         images = [f for f in (request.mm_features or []) if f.modality == "image"]
         if images and self.asymvlm_config.vision.enabled:
             outcome = {"vision_tokens": sum(f.mm_position.get_num_embeds() for f in images),
@@ -229,12 +303,24 @@ class AsymVLMScheduler(Scheduler):
             state = self._pruning.get(new_request.req_id)
             if state is not None and state.mrope is not None:
                 plan.mrope[new_request.req_id] = state.mrope
+            record = self._text_active(new_request.req_id)
+            if record is not None:
+                plan.text[new_request.req_id] = record.policy
         output.asymvlm = plan
         return output
 
     # ------------------------------------------------------------------ decide → rewrite
     def update_from_output(self, scheduler_output, model_runner_output):
         decisions = getattr(model_runner_output, "asymvlm_decisions", None) or {}
+        evictions = getattr(model_runner_output, "asymvlm_evictions", None) or {}
+        changed = set()
+        self._observe_live_blocks(scheduler_output)  # the step's peak: before its evictions
+        for request_id, choice in evictions.items():
+            try:
+                if self._apply_eviction(request_id, choice):
+                    changed.add(request_id)
+            except Exception:  # one request's failure must not take the engine down
+                logger.exception("AsymVLM: freeing evicted blocks of request %s failed", request_id)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         plan = getattr(scheduler_output, "asymvlm", None)
         for request_id in (plan.probes if plan else ()):
@@ -251,25 +337,93 @@ class AsymVLMScheduler(Scheduler):
                 state = self._pruning.get(request_id)
                 if state is not None and state.phase != _DONE:
                     self._finish_record(state, "error", f"rewriting failed: {type(e).__name__}: {e}")
-        self._announce_outcomes(outputs)
+        self._announce_outcomes(outputs, changed)
         return outputs
 
-    def _announce_outcomes(self, outputs: dict[int, Any]) -> None:
-        """Send each request's outcome on its first output once it is known. The front end may
-        finish a request itself (a stop string) and only abort it here, so the outcome on
-        the final output alone could be lost; the front end keeps the latest one it saw."""
-        if not self._unannounced:
+    def _announce_outcomes(self, outputs: dict[int, Any], changed: set[str] = frozenset()) -> None:
+        """Send each request's outcome on its first output once it is known, and again when an
+        eviction changed it. The front end may finish a request itself (a stop string) and
+        only abort it here, so the outcome on the final output alone could be lost; the
+        front end keeps the latest one it saw."""
+        if not (self._unannounced or changed):
             return
         for engine_outputs in outputs.values():
             for output in engine_outputs.outputs:
                 request_id = output.request_id
-                if request_id not in self._unannounced or output.finished:
+                if output.finished or not (request_id in self._unannounced or request_id in changed):
                     continue
                 state = self._pruning.get(request_id)
-                if state is None or state.phase not in (_DONE, _PRUNED):
+                if state is not None and state.phase not in (_DONE, _PRUNED):
                     continue
                 self._unannounced.discard(request_id)
-                output.kv_transfer_params = {**(output.kv_transfer_params or {}), "asymvlm": dict(state.outcome)}
+                outcome = self._outcome(request_id)
+                if outcome:
+                    output.kv_transfer_params = {**(output.kv_transfer_params or {}), "asymvlm": outcome}
+
+    def _outcome(self, request_id: str) -> dict[str, Any]:
+        """The request's outcome: the vision fields (image requests) and ``text`` (eviction)."""
+        state = self._pruning.get(request_id)
+        outcome = dict(state.outcome) if state is not None else {}
+        record = self._text.get(request_id)
+        if record is not None:
+            outcome["text"] = dict(record.outcome)
+        return outcome
+
+    # ------------------------------------------------------------------ text eviction
+    def _apply_eviction(self, request_id: str, choice: Any) -> bool:
+        """Return the blocks the runner evicted to the pool, as null-block holes."""
+        record = self._text_active(request_id)
+        request = self.requests.get(request_id)
+        if record is None or request is None or request.status != RequestStatus.RUNNING:
+            return False  # finished, aborted or preempted since: its blocks went back already
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        first = managers[choice.group].req_to_blocks.get(request_id, [])
+        if any(i >= len(first) or first[i].block_id != b or first[i].is_null
+               for i, b in zip(choice.block_indices, choice.block_ids)):
+            # Preempted and re-admitted in between: the runner's choice is about blocks the
+            # request no longer holds.
+            logger.warning("AsymVLM: request %s: stale eviction of blocks %s ignored", request_id, choice.block_indices)
+            return False
+        for g in self._text_groups:
+            manager = managers[g]
+            blocks = manager.req_to_blocks[request_id]
+            freed = []
+            for i in choice.block_indices:
+                if i < len(blocks) and not blocks[i].is_null:
+                    freed.append(blocks[i])
+                    blocks[i] = manager._null_block
+            manager.block_pool.free_blocks(freed)
+        count = len(choice.block_indices)
+        record.holes += count
+        outcome = record.outcome
+        outcome["evicted_blocks"] += count
+        outcome["evicted_tokens"] += count * self.block_size
+        outcome["eviction_steps"] += 1
+        outcome["eviction_seconds"] = round(outcome["eviction_seconds"] + choice.seconds, 6)
+        if self.eviction_log is not None:
+            self.eviction_log.append((request_id, choice))
+        return True
+
+    def _observe_live_blocks(self, scheduler_output: Any) -> None:
+        if not self._text:
+            return
+        managers = self.kv_cache_manager.coordinator.single_type_managers if self._text_groups else ()
+        for request_id in scheduler_output.num_scheduled_tokens:
+            record = self._text_active(request_id)
+            if record is None:
+                continue
+            blocks = managers[self._text_full_group].req_to_blocks.get(request_id, ())
+            live = len(blocks) - record.holes
+            if live > record.outcome["peak_live_blocks"]:
+                record.outcome["peak_live_blocks"] = live
+
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any):
+        result = super()._preempt_request(request, *args, **kwargs)
+        record = self._text.get(request.request_id)
+        if record is not None:
+            # Its blocks went back to the pool; it comes back by recomputing all its tokens.
+            record.holes = 0
+        return result
 
     def _apply_decision(self, request_id: str, decision: RequestDecision) -> None:
         state = self._pruning.get(request_id)
@@ -376,13 +530,17 @@ class AsymVLMScheduler(Scheduler):
     # ------------------------------------------------------------------ finish
     def _free_request(self, request: Request, *args: Any, **kwargs: Any):
         kv_transfer_params, ec_transfer_params = super()._free_request(request, *args, **kwargs)
-        state = self._pruning.pop(request.request_id, None)
+        state = self._pruning.get(request.request_id)
         self._unannounced.discard(request.request_id)
         if state is not None:
             if state.phase in (_NEW, _PROBING):
                 state.outcome.setdefault("status", "unfinished")
             state.outcome.setdefault("vision_tokens_kept", state.outcome.get("vision_tokens", 0))
-            kv_transfer_params = {**(kv_transfer_params or {}), "asymvlm": dict(state.outcome)}
+        outcome = self._outcome(request.request_id)
+        self._pruning.pop(request.request_id, None)
+        self._text.pop(request.request_id, None)
+        if outcome:
+            kv_transfer_params = {**(kv_transfer_params or {}), "asymvlm": outcome}
         return kv_transfer_params, ec_transfer_params
 
 

@@ -9,7 +9,8 @@ decoding) and, under AsymVLM, a pruning decision for each probed request. This m
   :class:`~asymvlm_vllm.engine.scheduler.AsymVLMScheduler`) with a KV pool of any size, built
   from a tiny local model config (no weights, no network);
 * :func:`make_request` -- a vLLM ``Request`` with image placeholder spans;
-* :class:`SimulatedRunner` -- the model runner's side of the protocol, deterministic per seed;
+* :class:`SimulatedRunner` -- the model runner's side of the protocol, deterministic per seed,
+  text eviction included (random importance, the real runner's choice rule and bookkeeping);
 * :func:`drive` -- the engine core's loop, with the one-step output lag of async scheduling.
 
 Example
@@ -342,6 +343,9 @@ class SimulatedRunner:
         self.encoder_cache: dict[str, int] = {}
         self._keep: dict[str, Any] = {}
         self._views: dict[str, _RequestView] = {}
+        self._text: dict[str, tuple[Any, int]] = {}  # request id -> (BlockEviction, prompt tokens)
+        self._block_ids: dict[str, list[list[int]]] = {}
+        self.evictions: list[tuple[str, Any]] = []
 
     def _rng(self, request_id: str) -> np.random.Generator:
         return np.random.default_rng([self.rng_seed, zlib.crc32(request_id.encode())])
@@ -434,11 +438,78 @@ class SimulatedRunner:
                     raise SimulationError(f"{request_id} image {index} ({feature.identifier}): {rows} rows cached for "
                                           f"{position.get_num_embeds()} placeholders")
 
+    # ------------------------------------------------------------------ text eviction
+    def _track_blocks(self, scheduler_output) -> dict[str, int]:
+        """The runner's block ids per request, as vLLM's runner keeps them; returns request id
+        -> tokens computed before this step."""
+        plan = getattr(scheduler_output, "asymvlm", None)
+        for request_id in scheduler_output.finished_req_ids:
+            self._block_ids.pop(request_id, None)
+            self._text.pop(request_id, None)
+        before = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            self._block_ids[new.req_id] = [list(g) for g in new.block_ids]
+            before[new.req_id] = new.num_computed_tokens
+            policy = plan.text.get(new.req_id) if plan is not None else None
+            if policy is None:
+                self._text.pop(new.req_id, None)
+            else:
+                self._text[new.req_id] = (policy, len(new.prompt_token_ids))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, request_id in enumerate(cached.req_ids):
+            before[request_id] = cached.num_computed_tokens[i]
+            new_ids = cached.new_block_ids[i]
+            if request_id in cached.resumed_req_ids:
+                self._block_ids[request_id] = [list(g) for g in new_ids]
+            elif new_ids is not None:
+                for ids, more in zip(self._block_ids[request_id], new_ids):
+                    ids.extend(more)
+        return before
+
+    def _evict(self, scheduler_output, before: Mapping[str, int]) -> dict[str, Any]:
+        """The real runner's rule (:mod:`asymvlm_vllm.engine.text_eviction`) with random
+        importance: holes right away in the runner's block ids, the choice on the output."""
+        import math
+
+        from .text_eviction import EvictionChoice
+
+        choices = {}
+        group = getattr(self.scheduler, "_text_full_group", 0)
+        for request_id, n in scheduler_output.num_scheduled_tokens.items():
+            if request_id not in self._text or not n:
+                continue
+            policy, num_prompt = self._text[request_id]
+            bs = policy.block_size
+            num_tokens = before[request_id] + n
+            ids = self._block_ids[request_id][group][: math.ceil(num_tokens / bs)]
+            live = [i for i, b in enumerate(ids) if b != 0]
+            num_live = num_tokens - bs * (len(ids) - len(live))
+            if num_live - num_prompt <= policy.budget:
+                continue
+            import torch
+
+            rng = self._rng(f"{request_id}:{num_tokens}")
+            importance = torch.tensor(rng.random(len(live)), dtype=torch.float32)
+            chosen = policy.evict_generated_blocks(importance, num_prompt, num_live).tolist()
+            if not chosen:
+                continue
+            logical = [live[i] for i in chosen]
+            physical = [self._block_ids[request_id][group][i] for i in logical]
+            for ids_of_group in self._block_ids[request_id]:
+                for i in logical:
+                    if i < len(ids_of_group):
+                        ids_of_group[i] = 0
+            choices[request_id] = EvictionChoice(logical, physical, group, num_live, importance.tolist())
+            self.evictions.append((request_id, choices[request_id]))
+        return choices
+
     def step(self, scheduler_output):
-        """Execute one scheduled step: a ``ModelRunnerOutput`` (with ``asymvlm_decisions``)."""
+        """Execute one scheduled step: a ``ModelRunnerOutput`` (with ``asymvlm_decisions`` and
+        ``asymvlm_evictions``)."""
         from vllm.v1.outputs import ModelRunnerOutput
 
         self.num_steps += 1
+        computed_before = self._track_blocks(scheduler_output)
         if self.check_encoder_cache:
             before = self._track(scheduler_output)
             self._check_gather(scheduler_output, before)
@@ -467,6 +538,9 @@ class SimulatedRunner:
                 decisions[request_id] = self.decisions[request_id] = decision
         if decisions:
             output.asymvlm_decisions = decisions
+        evictions = self._evict(scheduler_output, computed_before)
+        if evictions:
+            output.asymvlm_evictions = evictions
         return output
 
 
@@ -514,11 +588,18 @@ class DriveResult:
 
 
 def _blocks_of(scheduler) -> Callable[[str], int]:
+    """Request id -> KV blocks it holds (evicted blocks, null-block holes, not counted)."""
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    records = getattr(scheduler, "_text", {})
+
+    def holes(request_id: str) -> int:
+        record = records.get(request_id)
+        return record.holes * len(managers) if record is not None else 0
+
     if len(managers) == 1:
         req_to_blocks = managers[0].req_to_blocks
-        return lambda request_id: len(req_to_blocks.get(request_id, ()))
-    return lambda request_id: sum(len(m.req_to_blocks.get(request_id, ())) for m in managers)
+        return lambda request_id: len(req_to_blocks.get(request_id, ())) - holes(request_id)
+    return lambda request_id: sum(len(m.req_to_blocks.get(request_id, ())) for m in managers) - holes(request_id)
 
 
 def drive(

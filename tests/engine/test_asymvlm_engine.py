@@ -292,10 +292,13 @@ class Reference:
     prompt: Any  # PrunedPrompt
     tokens: list[int]
     first_logprobs: torch.Tensor  # (vocab,) log-softmax of the prefill's last logits
+    generation: Any = None  # the transformers path's Generation
 
 
-def hf_reference(vlm, prompt_text: str, images: list, decision, causal: bool = False) -> Reference:
-    """Greedy ``MAX_TOKENS`` tokens of the transformers path, pruned to vLLM's keep set.
+def hf_reference(vlm, prompt_text: str, images: list, decision, causal: bool = False, max_tokens: int = MAX_TOKENS,
+                 eviction=None) -> Reference:
+    """Greedy ``max_tokens`` tokens of the transformers path, pruned to vLLM's keep set, with
+    the text ``eviction`` policy if given (``Reference.generation`` then has its trace).
 
     ``decision.images[i].keep_rows`` index image ``i``'s encoder-output rows, structural rows
     (LLaVA-NeXT newlines) included; the reference ranker scores only the prunable rows, so the
@@ -335,10 +338,12 @@ def hf_reference(vlm, prompt_text: str, images: list, decision, causal: bool = F
         # over images; all-zero token types make the reference causal too. (It matters: on the
         # tiny Gemma 3 the two attentions move the first-token logprobs by ~0.3.)
         prompt.token_type_ids = torch.zeros_like(prompt.token_type_ids)
-    generation = generate_from_prompt(vlm.model, prompt, MAX_TOKENS, frozenset(), 0, mrope=vlm.adapter.uses_mrope)
+    generation = generate_from_prompt(vlm.model, prompt, max_tokens, frozenset(), 0, eviction=eviction,
+                                      tap=vlm.tap if eviction is not None else None, mrope=vlm.adapter.uses_mrope,
+                                      trace=eviction is not None)
     with torch.inference_mode():
         logits = vlm.model(**prompt.model_inputs()).logits[0, -1]
-    return Reference(inputs, prompt, generation.tokens[0], logits.float().log_softmax(-1))
+    return Reference(inputs, prompt, generation.tokens[0], logits.float().log_softmax(-1), generation)
 
 
 def _assert_logprobs_close(ours: dict[int, float], expected, what: str) -> None:

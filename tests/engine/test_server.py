@@ -110,6 +110,12 @@ def test_off_request_is_not_pruned(server):
     ({"asymvlm": "maybe"}, "asymvlm: must be the string 'on' or 'off'"),
     ({"asymvlm": "off", "asymvlm_keep_ratio": 0.5}, "asymvlm_"),
     ({"asymvlm_keep_ratio": 0.5, "asymvlm_budget": "aggressive"}, "asymvlm_keep_ratio"),
+    ({"asymvlm_text_eviction": True}, "asymvlm_text_eviction: must be the string 'on' or 'off'"),
+    ({"asymvlm_text_eviction": "yes"}, "asymvlm_text_eviction"),
+    ({"asymvlm_text_budget": 0}, "asymvlm_text_budget"),
+    ({"asymvlm_text_budget": "64"}, "asymvlm_text_budget: must be a JSON integer"),
+    ({"asymvlm_text_budget": 64.5}, "asymvlm_text_budget"),
+    ({"asymvlm_text_eviction": "off", "asymvlm_text_budget": 64}, "asymvlm_text_budget"),
 ])
 def test_bad_request_options_are_http_400(server, xargs, named):
     response = server.chat(_image_content(8), xargs)
@@ -167,3 +173,48 @@ def test_metrics_count_the_outcomes(server):
     assert delta("asymvlm_probe_seconds_sum") == pytest.approx(sum(o["probe_seconds"] for o in probed))
     assert delta("asymvlm_scoring_seconds_count") == len(probed)
     assert delta("asymvlm_scoring_seconds_sum") == pytest.approx(sum(o["scoring_seconds"] for o in probed))
+
+
+def test_text_eviction_reports_its_outcome_and_metrics(server):
+    """A long answer with a 32-token eviction budget (per request; the preset leaves eviction
+    off): the outcome says what was evicted, streaming included, and /metrics agrees."""
+    before = server.metrics()
+    xargs = {"asymvlm_text_budget": 32}
+    body = _ok(server.chat(_image_content(16), xargs, max_tokens=200, ignore_eos=True))
+    outcome = body["kv_transfer_params"]["asymvlm"]
+    assert outcome["status"] == "pruned"
+    text = outcome["text"]
+    assert text["status"] == "on" and text["budget_tokens"] == 32
+    assert text["evicted_blocks"] >= 3 and text["evicted_tokens"] == 32 * text["evicted_blocks"]
+    assert text["eviction_steps"] >= 1 and text["eviction_seconds"] >= 0
+    prefilled = outcome["prompt_tokens_prefilled"]
+    assert 0 < text["peak_live_blocks"] <= math.ceil(prefilled / 32) + 1 + 1 + 1  # prompt + budget + protected + 1
+    assert body["usage"]["completion_tokens"] == 200
+
+    import httpx
+    import json
+
+    chunks = []
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=REQUEST_TIMEOUT_S,
+                      json=server.chat_body([{"type": "text", "text": "Tell a long story."}], 120, stream=True,
+                                            ignore_eos=True, vllm_xargs=xargs)) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[len("data: "):]))
+    streamed = [c["kv_transfer_params"]["asymvlm"] for c in chunks if (c.get("kv_transfer_params") or {}).get("asymvlm")]
+    assert len(streamed) == 1 and streamed[0]["text"]["evicted_blocks"] >= 1  # on the final chunk only
+    assert "status" not in streamed[0]  # a text-only request: no vision fields
+    after = server.metrics()
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    texts = [text, streamed[0]["text"]]
+    assert delta('asymvlm_text_requests_total{status="on"}') == 2
+    assert delta("asymvlm_evicted_blocks_total") == sum(t["evicted_blocks"] for t in texts)
+    assert delta("asymvlm_evicted_tokens_total") == sum(t["evicted_tokens"] for t in texts)
+    assert delta("asymvlm_evictions_total") == sum(t["eviction_steps"] for t in texts)
+    assert delta("asymvlm_peak_live_blocks_sum") == sum(t["peak_live_blocks"] for t in texts)
+    assert delta("asymvlm_eviction_seconds_count") == 2
+    assert delta("asymvlm_requests_total{status=\"pruned\"}") == 1  # the image request only

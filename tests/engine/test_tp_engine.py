@@ -77,15 +77,55 @@ def _fetch_log(worker) -> dict:
 # ---------------------------------------------------------------- engines
 
 
+def _evicting_run(llm):
+    """One long answer with a 32-token eviction budget (asked per request)."""
+    sched = scheduler(llm)
+    sched.eviction_log = []
+    try:
+        (out,) = llm.chat([chat_messages(engine_image(33), "Describe this picture at length.")],
+                          greedy_params(160, extra_args={"asymvlm_text_budget": 32}))
+    finally:
+        log, sched.eviction_log = sched.eviction_log, None
+    return list(out.outputs[0].token_ids), [choice.block_indices for _, choice in log]
+
+
 @pytest.fixture(scope="module")
 def one_rank_tokens(engine_models):
-    """The same requests on the same engine with one rank (in-process executor)."""
+    """The same requests on the same engine with one rank (in-process executor), and the
+    evicting request's tokens and evictions."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         llm = make_plugin_llm(engine_models("llava"), PRUNE_HALF, monkeypatch, KV_CACHE_BYTES)
         try:
-            return generated_tokens(llm.chat(_requests(), greedy_params(MAX_TOKENS)))
+            tokens = generated_tokens(llm.chat(_requests(), greedy_params(MAX_TOKENS)))
+            return _TokensWithEviction(tokens, _evicting_run(llm))
         finally:
             free_llm(llm)
+
+
+class _TokensWithEviction(list):
+    def __init__(self, tokens, eviction):
+        super().__init__(tokens)
+        self.eviction = eviction
+
+
+def _record_evictions(worker) -> int:
+    """Record, on this rank, the blocks its runner chose to evict."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    runner = worker.model_runner
+    log = worker._asymvlm_eviction_log = []
+    evict = runner._text_evict
+
+    def traced_evict():
+        evict()
+        log.extend(choice.block_indices for choice in runner._text_choices.values())
+
+    runner._text_evict = traced_evict
+    return get_tensor_model_parallel_rank()
+
+
+def _fetch_evictions(worker) -> list:
+    return worker._asymvlm_eviction_log
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +172,17 @@ def test_both_ranks_apply_the_one_decision(tp_llm, one_rank_tokens):
         assert (source1, rows1) == (source, rows)
         assert tensor is not None and tensor1 is not None and tensor.shape[0] == len(rows)
         assert torch.equal(tensor, tensor1), identifier
+
+
+def test_both_ranks_evict_the_same_blocks(tp_llm, one_rank_tokens):
+    """Each rank scores its own heads; the per-rank head means are all-reduced before choosing,
+    so both ranks evict the blocks the one-rank engine evicts and the answer is unchanged."""
+    assert sorted(tp_llm.collective_rpc(_record_evictions)) == [0, 1]
+    free_before = num_free_blocks(tp_llm)
+    tokens, evictions = _evicting_run(tp_llm)
+    rank0, rank1 = tp_llm.collective_rpc(_fetch_evictions)
+    one_rank_tokens_, one_rank_evictions = one_rank_tokens.eviction
+    assert len(one_rank_evictions) >= 3
+    assert rank0 == rank1 == evictions == one_rank_evictions
+    assert tokens == one_rank_tokens_
+    assert num_free_blocks(tp_llm) == free_before and not scheduler(tp_llm).requests

@@ -42,3 +42,21 @@ def test_quick_run_writes_ratios(tmp_path):
     assert 0.45 < half["prefill_flops_ratio"] < 0.55
     assert half["statuses"] == {"pruned": half["requests"]} and plain["statuses"] == {"plain": plain["requests"]}
     assert png.stat().st_size > 1000
+
+
+def test_decode_heavy_quick_run_shows_what_eviction_is_for(tmp_path):
+    """Long answers (512 tokens) past a 90-token eviction budget on a KV-bound pool: each
+    request holds about half the blocks, more of them decode at once and the queue drains in
+    fewer steps."""
+    bench = load_benchmark()
+    out, png = tmp_path / "capacity.json", tmp_path / "capacity.png"
+    bench.main(["--workload", "decode", "--quick", "--out", str(out), "--png", str(png)])
+    plain, evict, both = json.loads(out.read_text())
+    assert [r["scenario"] for r in (plain, evict, both)] == ["plain vLLM", "evict 90", "keep 50% + evict 90"]
+    assert plain["output_tokens"] == 512 and plain["image_tokens"] == 256 and plain["eviction_budget"] == 90
+    assert plain["blocks_freed"] == 0 < evict["blocks_freed"]
+    # 296 prompt tokens (19 blocks) + at most 90 + 16 generated ones and one protected block: 25 blocks.
+    assert evict["blocks_per_request"] <= 25 < plain["blocks_per_request"]
+    assert evict["sustained_running_ratio"] > 1.4 and evict["steps_ratio"] < 0.75
+    assert both["sustained_running_ratio"] > evict["sustained_running_ratio"]
+    assert png.stat().st_size > 1000

@@ -351,7 +351,12 @@ def _episode_specs(rng: random.Random, image_sizes: dict[str, int], pressure: bo
             extra = {"asymvlm": "off"}
         elif r < 0.2:
             extra = {"asymvlm_budget": rng.choice(["aggressive", "conservative"])}
-        specs.append(Spec(f"q{i}", words, images, rng.randint(1, 5), arrival, extra))
+        max_tokens = rng.randint(1, 5)
+        if (extra or {}).get("asymvlm") != "off" and rng.random() < (0.6 if pressure else 0.3):
+            # Text eviction: a long answer past a small budget of generated tokens.
+            extra = {**(extra or {}), "asymvlm_text_budget": rng.choice([1, 4, 9, 20])}
+            max_tokens = rng.randint(6, 40)
+        specs.append(Spec(f"q{i}", words, images, max_tokens, arrival, extra))
     return specs
 
 
@@ -364,7 +369,8 @@ def _contention_specs(rng: random.Random, image_sizes: dict[str, int]) -> list[S
     bursts = [rng.randint(3, 12) for _ in range(rng.randint(1, 3))]
     for i in range(rng.randint(2, 4)):
         words = [rng.randrange(10, 900) for _ in range(rng.randint(4, 16))]
-        specs.append(Spec(f"d{i}", words, [], rng.randint(8, 24), rng.choice([0, 0, rng.randint(1, 8)])))
+        extra = {"asymvlm_text_budget": rng.choice([2, 8])} if rng.random() < 0.5 else None
+        specs.append(Spec(f"d{i}", words, [], rng.randint(8, 24), rng.choice([0, 0, rng.randint(1, 8)]), extra))
     for i in range(rng.randint(6, 12)):
         words = [rng.randrange(10, 900) for _ in range(rng.randint(2, 10))]
         cut = rng.randint(1, min(4, len(words)))
@@ -383,7 +389,7 @@ def _contention_specs(rng: random.Random, image_sizes: dict[str, int]) -> list[S
 # the image only; so the step after a probe nearly always has free blocks, and preemption of a
 # held probe (async) stays rare (4 in 1,000 async episodes). Without the reserve, admissions fill
 # the pool and held probes are preempted often.
-NO_RESERVE_FULL_ISL = {"mixed": 0.2, "pressure": 0.5, "contention": 0.7}
+NO_RESERVE_FULL_ISL = {"mixed": 0.2, "pressure": 0.5, "contention": 0.7, "eviction": 0.5}
 
 
 def run_episode(seed: int, async_scheduling: bool, coverage: Coverage | None = None) -> None:
@@ -393,9 +399,28 @@ def run_episode(seed: int, async_scheduling: bool, coverage: Coverage | None = N
     # unpruned, a pool that barely fits the largest: preemption (also of held and re-admitted
     # requests) and encoder-cache eviction. "contention": see _contention_specs; what it
     # reaches is gated below.
-    profile = rng.choices(("mixed", "pressure", "contention"), weights=(5, 3, 2))[0]
+    profile = rng.choices(("mixed", "pressure", "contention", "eviction"), weights=(5, 3, 2, 2))[0]
     pressure = profile == "pressure"
-    if profile == "contention":
+    if profile == "eviction":
+        # Long answers past small eviction budgets in a pool that cannot hold them all at once:
+        # requests with holes are preempted, recomputed and evicted again.
+        bs = 4
+        max_batched, max_seqs = 64, 8
+        image_sizes = {f"img{seed}-{k}": rng.randint(4, 12) for k in range(2)}
+        specs = []
+        for i in range(rng.randint(4, 7)):
+            words = [rng.randrange(10, 900) for _ in range(rng.randint(2, 12))]
+            identifier = rng.choice(sorted(image_sizes))
+            images = [(rng.randint(0, len(words)), image_sizes[identifier], identifier)] if rng.random() < 0.5 else []
+            # All at once, so that they evict in step and the one preempted (the newest) has holes.
+            specs.append(Spec(f"e{i}", words, images, rng.randint(24, 48), 0,
+                              {"asymvlm_text_budget": rng.choice([2, 4, 8])}))
+        encoder_budget = encoder_cache = 2 * max(image_sizes.values())
+        need = max(math.ceil((s.prompt_len + s.max_tokens) / bs) for s in specs)
+        num_blocks = 1 + need + rng.randint(0, need // 2)
+        config = UNIFORM_HALF
+        prefix_caching = rng.random() < 0.5
+    elif profile == "contention":
         bs = 4
         max_batched, max_seqs = rng.choice([(64, 16), (64, 24)])
         image_sizes = {f"img{seed}-{k}": rng.randint(8, 24) for k in range(rng.randint(3, 6))}
@@ -548,7 +573,35 @@ def run_episode(seed: int, async_scheduling: bool, coverage: Coverage | None = N
         for request in sched.running:
             held = blocks_of(sched, request.request_id)
             assert held <= math.ceil((request.num_prompt_tokens + request.max_tokens) / bs), (request.request_id, held)
+        for rid in so.preempted_req_ids or ():
+            if rid in had_holes:  # as checked before this schedule()
+                coverage.add("preempted_with_holes")
+        check_evictions(lag=1 if async_scheduling else 0)
         maybe_abort("in_flight")
+
+    had_holes: set[str] = set()
+    managers = sched.kv_cache_manager.coordinator.single_type_managers
+
+    def check_evictions(lag: int) -> None:
+        """Holes only where eviction may make them, as many as the scheduler counts, and an
+        evicting request within its cap of live blocks (one block more while the async
+        scheduler has not yet heard of the previous step's eviction)."""
+        had_holes.clear()
+        for rid, request in sched.requests.items():
+            record = sched._text_active(rid)
+            blocks = managers[0].req_to_blocks.get(rid, [])
+            holes = [i for i, b in enumerate(blocks) if b.is_null]
+            if record is None:
+                assert not holes, f"{rid} has holes without eviction"
+                continue
+            assert len(holes) == record.holes, (rid, holes, record.holes)
+            first = math.ceil(request.num_prompt_tokens / bs)
+            assert all(i >= first for i in holes), f"{rid}: a prompt or vision block was evicted: {holes}"
+            if holes:
+                had_holes.add(rid)
+            if request.num_preemptions == 0 and request.status == RequestStatus.RUNNING:
+                cap = first + math.ceil(record.policy.budget / bs) + record.policy.protected_recent_blocks + 1
+                assert len(blocks) - len(holes) <= cap + lag, (rid, len(blocks), holes, cap)
 
     def after_update(step, so, outs):
         for rid in live_ids():
@@ -578,6 +631,7 @@ def run_episode(seed: int, async_scheduling: bool, coverage: Coverage | None = N
             assert all(request.prompt_token_ids[p] == IMAGE_TOKEN_ID for p in in_span)
 
     def before_schedule(step):
+        check_evictions(lag=1 if async_scheduling else 0)
         maybe_abort("waiting")
 
     result = drive(sched, runner, arrivals=arrivals, before_schedule=before_schedule, after_schedule=after_schedule,
@@ -591,8 +645,13 @@ def run_episode(seed: int, async_scheduling: bool, coverage: Coverage | None = N
         spec = by_id[rid]
         assert result.tokens[rid] == [SAMPLED_TOKEN_ID] * spec.max_tokens
         outcome = (out.kv_transfer_params or {}).get("asymvlm")
+        text = (spec.extra_args or {}).get("asymvlm_text_budget")
+        if text is not None:
+            assert outcome is not None and outcome["text"]["status"] == "on", outcome
+            assert outcome["text"]["budget_tokens"] == text
+            coverage.add("evicted_blocks", outcome["text"]["evicted_blocks"])
         if not spec.images:
-            assert outcome is None
+            assert outcome is None or set(outcome) == {"text"}
             continue
         assert outcome is not None and {"status", "vision_tokens", "vision_tokens_kept"} <= set(outcome)
         assert outcome["vision_tokens"] == sum(n for _, n, _ in spec.images)
@@ -606,7 +665,12 @@ def run_episode(seed: int, async_scheduling: bool, coverage: Coverage | None = N
             assert outcome["vision_tokens_kept"] == outcome["vision_tokens"]
         if (spec.extra_args or {}).get("asymvlm") == "off":
             assert outcome["status"] == "off"
+    coverage.add("evictions", len(runner.evictions))
+    coverage.add("evictions_of_aborted", len({rid for rid, _ in runner.evictions} & aborted))
     assert_drained(sched, num_blocks)
+    assert not sched._text, "eviction records left behind"
+    pool = sched.kv_cache_manager.block_pool
+    assert all(b.ref_cnt == 0 for b in pool.blocks if not b.is_null), "a block was freed twice or never"
 
 
 CHUNKS = 2  # two tests per scheduler kind keep each under ~20 s on a 2-core machine
@@ -641,6 +705,8 @@ def test_randomized_episodes_leave_nothing_behind(async_scheduling, chunk):
                 "status_prefix_cached"):
         assert c.get(key, 0) >= 3, f"episodes never (or rarely) hit {key}: {c}"
     assert c.get("pruned_tokens_saved", 0) > 0
+    for key in ("evictions", "evicted_blocks", "preempted_with_holes", "evictions_of_aborted"):
+        assert c.get(key, 0) >= 3, f"episodes never (or rarely) hit {key}: {c}"
     # The hard paths, at least 10 times in each chunk (so per scheduler kind as well):
     # - preempted while pruned: re-admitted after the rewrite, then preempted;
     # - a re-admitted pruned prompt prefilled over more than one step;
