@@ -174,13 +174,18 @@ def run_scenario(args, num_blocks: int, asymvlm_config: dict | None) -> dict:
 def _environment() -> dict:
     import vllm
 
+    here = Path(__file__).parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
+                                cwd=here, check=True).stdout.strip()
+        # Uncommitted changes to the code (results files aside) make the row irreproducible.
+        status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"],
+                                capture_output=True, text=True, cwd=here.parent, check=True).stdout
+        dirty = bool(status.strip())
     except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("ASYMVLM_BENCH_COMMIT", "unknown")
+        commit, dirty = os.environ.get("ASYMVLM_BENCH_COMMIT", "unknown"), None
     return {"device": f"cpu ({os.cpu_count()} cores), scheduler only", "vllm": vllm.__version__,
-            "python": platform.python_version(), "commit": commit,
+            "python": platform.python_version(), "commit": commit, "dirty": dirty,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.workload == "decode":
         given = set(argv if argv is not None else sys.argv[1:])
         for flag, value in (("--image-tokens", 256), ("--text-tokens", 40), ("--output-tokens", 512),
-                            ("--weights-gb", GEMMA3_WEIGHTS_GB), ("--requests", 600)):
+                            ("--weights-gb", GEMMA3_WEIGHTS_GB), ("--requests", 1000)):
             if flag not in given:
                 setattr(args, flag[2:].replace("-", "_"), value)
         scenarios = DECODE_SCENARIOS

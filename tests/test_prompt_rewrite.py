@@ -99,3 +99,18 @@ def test_pruned_identifiers_differ_by_keep_set_and_agree_on_equal_ones():
     assert a != pruned_identifier("img", [0, 3], 4)
     assert a != pruned_identifier("other", [0, 2], 4)
     assert a.startswith("img#asymvlm2of4-")
+
+
+def test_drop_ranges_remove_text_and_move_the_spans():
+    out = rewrite_prompt(list(range(20)), [PlaceholderSpan(10, 4)], {0: [1, 3]}, [(2, 5), (15, 17)])
+    assert out.prompt_token_ids == [0, 1, 5, 6, 7, 8, 9, 11, 13, 14, 17, 18, 19]
+    assert out.kept_positions == out.prompt_token_ids
+    assert out.spans == [PlaceholderSpan(7, 2)]
+    only_text = rewrite_prompt(list(range(8)), [PlaceholderSpan(0, 2)], {}, [(3, 6)])
+    assert only_text.prompt_token_ids == [0, 1, 2, 6, 7] and only_text.spans == [PlaceholderSpan(0, 2)]
+
+
+@pytest.mark.parametrize("drop, message", [((9, 11), "overlaps image 0"), ((5, 5), "empty"), ((18, 21), "outside")])
+def test_bad_drop_ranges_are_refused(drop, message):
+    with pytest.raises(ValueError, match=message):
+        rewrite_prompt(list(range(20)), [PlaceholderSpan(10, 4)], {}, [drop])

@@ -65,8 +65,9 @@ def rewrite_prompt(
     prompt_token_ids: Sequence[int],
     spans: Sequence[PlaceholderSpan],
     keep_rows: Mapping[int, Sequence[int]],
+    drop_ranges: Sequence[tuple[int, int]] = (),
 ) -> RewrittenPrompt:
-    """Remove the placeholders of the rows each image does not keep.
+    """Remove the placeholders of the rows each image does not keep, and the ``drop_ranges``.
 
     Parameters
     ----------
@@ -75,6 +76,8 @@ def rewrite_prompt(
         (``is_embed`` false) but not image rows
     keep_rows : image index → kept encoder-output rows (ascending, unique, in
         ``[0, span.num_rows)``); images not in the mapping keep everything.
+    drop_ranges : half-open text ranges ``(start, end)`` to remove as well (the multi-turn
+        rule's dropped answers); they may not touch an image's span.
 
     Returns
     -------
@@ -109,6 +112,13 @@ def rewrite_prompt(
     unknown = sorted(set(keep_rows) - set(range(len(spans))))
     if unknown:
         raise ValueError(f"keep_rows names images {unknown}, the prompt has {len(spans)}")
+    for start, end in drop_ranges:
+        if not 0 <= start < end <= total:
+            raise ValueError(f"drop range [{start}, {end}) is empty or outside the prompt of {total} tokens")
+        for index, span in enumerate(spans):
+            if start < span.offset + span.length and span.offset < end:
+                raise ValueError(f"drop range [{start}, {end}) overlaps image {index}'s span")
+        drop[start:end] = b"\x01" * (end - start)
 
     kept_positions = [p for p in range(total) if not drop[p]]
     new_index = {}

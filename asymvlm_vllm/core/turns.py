@@ -51,8 +51,12 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def learn_turn_markers(render: Callable[[list[dict], bool], str], tokenize: Callable[[str], list[int]]) -> TurnMarkers:
+def learn_turn_markers(render: Callable[[list[dict], bool], str], tokenize: Callable[[str], list[int]],
+                       is_blank: Callable[[int], bool]) -> TurnMarkers:
     """Learn a chat template's answer markers from one rendered conversation.
+
+    Whitespace-only tokens at the outer ends of the markers are left out: in a real prompt
+    they can merge with what surrounds them (an image's expansion, the next question).
 
     Parameters
     ----------
@@ -60,6 +64,8 @@ def learn_turn_markers(render: Callable[[list[dict], bool], str], tokenize: Call
         The model's chat template; messages use list-of-parts content.
     tokenize : ``str -> list of int``
         The tokenizer, as the engine tokenises a rendered prompt (no added special tokens).
+    is_blank : ``int -> bool``
+        Whether a token decodes to whitespace only.
 
     Raises
     ------
@@ -87,10 +93,14 @@ def learn_turn_markers(render: Callable[[list[dict], bool], str], tokenize: Call
     question_end, answer_start, answer_end, follow_up = (boundary(p) for p in (q_end, a_start, a_end, f_start))
     if not question_end <= answer_start < answer_end <= follow_up:
         raise ValueError("cannot locate the answer's tokens in the rendered conversation")
-    before, after = tuple(ids[question_end:answer_start]), tuple(ids[answer_end:follow_up])
+    before, after = list(ids[question_end:answer_start]), list(ids[answer_end:follow_up])
+    while before and is_blank(before[0]):
+        before.pop(0)
+    while after and is_blank(after[-1]):
+        after.pop()
     if not before or not after:
         raise ValueError("the chat template puts no tokens between the turns; answers cannot be told apart")
-    return TurnMarkers(before, after)
+    return TurnMarkers(tuple(before), tuple(after))
 
 
 def _find(ids: Sequence[int], run: tuple[int, ...], start: int) -> int:
@@ -102,18 +112,21 @@ def _find(ids: Sequence[int], run: tuple[int, ...], start: int) -> int:
     return -1
 
 
-def find_answer_spans(prompt_token_ids: Sequence[int], markers: TurnMarkers,
+def find_answer_spans(prompt_token_ids: Sequence[int], markers: TurnMarkers, is_blank: Callable[[int], bool],
                       excluded: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
     """Half-open token ranges of the previous answers of a chat prompt, in order.
 
-    An answer is the text between an occurrence of ``markers.before`` and the next occurrence
-    of ``markers.after``; the final generation prompt (``before`` with no ``after``) is not an
-    answer. Spans that would overlap an ``excluded`` range (image placeholders) are skipped.
+    An answer is the text between an occurrence of ``markers.before`` (and any whitespace-only
+    tokens after it, which are template text) and the next occurrence of ``markers.after``; the
+    final generation prompt (``before`` with no ``after``) is not an answer. Spans that would
+    overlap an ``excluded`` range (image placeholders) are skipped.
 
     Parameters
     ----------
     prompt_token_ids : sequence of int
     markers : TurnMarkers
+    is_blank : ``int -> bool``
+        Whether a token decodes to whitespace only.
     excluded : sequence of (start, end)
     """
     spans = []
@@ -123,6 +136,8 @@ def find_answer_spans(prompt_token_ids: Sequence[int], markers: TurnMarkers,
         if found < 0:
             break
         start = found + len(markers.before)
+        while start < len(prompt_token_ids) and is_blank(prompt_token_ids[start]):
+            start += 1
         end = _find(prompt_token_ids, markers.after, start)
         if end < 0:
             break

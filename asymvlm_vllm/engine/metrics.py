@@ -13,23 +13,24 @@ once. The hook is installed when the front end loads AsymVLM's request validator
 an AsymVLM engine configures, by ``--plugin asymvlm`` or the explicit flags). The metrics live
 in the default Prometheus registry, which vLLM's ``/metrics`` serves.
 
-=====================================  ==========  ==============================================
-name                                   type        meaning
-=====================================  ==========  ==============================================
-``asymvlm_requests_total``             counter     finished image requests, label ``status``
-``asymvlm_vision_tokens_total``        counter     vision tokens in (before pruning)
-``asymvlm_vision_tokens_kept_total``   counter     vision tokens kept (prefilled)
-``asymvlm_keep_ratio``                 histogram   per request, kept / in
-``asymvlm_probe_seconds``              histogram   probe step: scheduled → decision applied
-``asymvlm_scoring_seconds``            histogram   scoring and budget inside the probe step
-``asymvlm_text_requests_total``        counter     finished requests with text eviction, label
-                                                   ``status`` (``on`` or why it could not run)
-``asymvlm_evictions_total``            counter     eviction steps (one per request and step)
-``asymvlm_evicted_blocks_total``       counter     KV blocks freed by eviction
-``asymvlm_evicted_tokens_total``       counter     generated tokens evicted
-``asymvlm_peak_live_blocks``           histogram   per request, the most KV blocks it held
-``asymvlm_eviction_seconds``           histogram   per request, time choosing its evictions
-=====================================  ==========  ==============================================
+=======================================  =========  ======================================================
+name                                     type       meaning
+=======================================  =========  ======================================================
+``asymvlm_requests_total``               counter    finished image requests, label ``status``
+``asymvlm_vision_tokens_total``          counter    vision tokens in (before pruning)
+``asymvlm_vision_tokens_kept_total``     counter    vision tokens kept (prefilled)
+``asymvlm_keep_ratio``                   histogram  per request, kept / in
+``asymvlm_probe_seconds``                histogram  probe step: scheduled → decision applied
+``asymvlm_scoring_seconds``              histogram  scoring and budget inside the probe step
+``asymvlm_answers_dropped_total``        counter    previous answers dropped by the multi-turn rule
+``asymvlm_answer_tokens_dropped_total``  counter    their tokens
+``asymvlm_text_requests_total``          counter    finished requests with text eviction, label ``status``
+``asymvlm_evictions_total``              counter    eviction steps (one per request and step)
+``asymvlm_evicted_blocks_total``         counter    KV blocks freed by eviction
+``asymvlm_evicted_tokens_total``         counter    generated tokens evicted
+``asymvlm_peak_live_blocks``             histogram  per request, the most KV blocks it held
+``asymvlm_eviction_seconds``             histogram  per request, time choosing its evictions
+=======================================  =========  ======================================================
 
 Vision metrics count image requests only; text metrics count requests with eviction on.
 """
@@ -55,6 +56,8 @@ METRIC_NAMES = (
     "asymvlm_evicted_tokens_total",
     "asymvlm_peak_live_blocks",
     "asymvlm_eviction_seconds",
+    "asymvlm_answers_dropped_total",
+    "asymvlm_answer_tokens_dropped_total",
 )
 
 _KEY = "asymvlm"
@@ -85,6 +88,8 @@ def _get_metrics() -> dict[str, Any]:
                 "evicted_tokens": Counter("asymvlm_evicted_tokens", "Generated tokens evicted"),
                 "peak_blocks": Histogram("asymvlm_peak_live_blocks", "Per request, the most KV blocks it held",
                                          buckets=(4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)),
+                "answers_dropped": Counter("asymvlm_answers_dropped", "Previous answers dropped by the multi-turn rule"),
+                "answer_tokens_dropped": Counter("asymvlm_answer_tokens_dropped", "Tokens of the dropped answers"),
                 "eviction_seconds": Histogram("asymvlm_eviction_seconds", "Per request, time spent choosing evictions",
                                               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                                        1.0)),
@@ -106,6 +111,8 @@ def observe_outcome(outcome: dict[str, Any]) -> None:
             metrics["eviction_seconds"].observe(float(text.get("eviction_seconds", 0.0)))
     if "vision_tokens" not in outcome:
         return  # a text-only request
+    metrics["answers_dropped"].inc(len(outcome.get("answers_dropped", ())))
+    metrics["answer_tokens_dropped"].inc(int(outcome.get("answer_tokens_dropped", 0)))
     metrics["requests"].labels(status=str(outcome.get("status", "unknown"))).inc()
     tokens = int(outcome.get("vision_tokens", 0))
     kept = int(outcome.get("vision_tokens_kept", tokens))

@@ -26,6 +26,8 @@ class ProbeSpec:
     options: dict[str, Any] = field(default_factory=dict)
     """The request's options in their ``vllm_xargs`` form
     (:meth:`~asymvlm_vllm.core.request_options.RequestOptions.to_extra_args`)."""
+    answer_spans: list[tuple[int, int]] = field(default_factory=list)
+    """Token ranges of the previous answers, when the multi-turn rule must choose among them."""
 
 
 @dataclass
@@ -100,6 +102,8 @@ class RequestDecision:
     """The unpruned prompt's (3, T) M-RoPE positions, for M-RoPE models."""
     mrope_next_position: int | None = None
     """Position of the first generated token of the unpruned prompt."""
+    dropped_answers: list[int] = field(default_factory=list)
+    """Indices into the probe's ``answer_spans`` of the answers to drop, ascending."""
     scoring_seconds: float = 0.0
     error: str | None = None
     """Why no decision could be made; the request then runs unpruned."""

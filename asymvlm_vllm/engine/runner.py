@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ import torch
 from ..core.budget import BudgetRule
 from ..core.config import AsymVLMConfig
 from ..core.errors import AsymVLMError
+from ..core.eviction import MultiTurnEviction
 from ..core.positions import text_query_mask
 from ..core.request_options import RequestOptions, request_options_from_extra_args
 from ..core.selection import decide_vision_pruning
@@ -53,6 +55,8 @@ def decide_request(
     encoder_outputs: dict[str, torch.Tensor],
     options: RequestOptions,
     device: torch.device,
+    answer_spans: Sequence[tuple[int, int]] = (),
+    multi_turn: MultiTurnEviction | None = None,
 ) -> RequestDecision:
     """One request's decision from its encoder outputs.
 
@@ -64,6 +68,10 @@ def decide_request(
     feature_indices : which features to decide
     encoder_outputs : identifier → (R, D) encoder output rows
     options : the request's options
+    answer_spans : (start, end) token ranges of the previous answers, in order
+    multi_turn : the rule that drops whole answers (with ``answer_spans``), ranked by
+        similarity to the current turn's images (the images after the last answer; all of
+        them if that turn has none)
 
     Returns
     -------
@@ -84,7 +92,7 @@ def decide_request(
     text = model.embed_input_ids(ids[query].to(device))
     rule: BudgetRule = options.budget_rule(config.vision.budget)
     min_keep = options.min_keep if options.min_keep is not None else config.vision.min_keep
-    images = []
+    images, image_rows = [], []
     for index in feature_indices:
         feature = mm_features[index]
         rows = encoder_outputs.get(feature.identifier)
@@ -93,6 +101,7 @@ def decide_request(
         rows = rows.reshape(-1, rows.shape[-1])
         structural = family.structural_rows(model, rows)
         prunable = (~structural).nonzero().flatten()
+        image_rows.append((mm_features[index].mm_position.offset, rows[prunable]))
         if prunable.numel() == 0:
             images.append(ImageDecision(index, rows.shape[0], 0, list(range(rows.shape[0])), 0.0, 1.0))
             continue
@@ -104,7 +113,19 @@ def decide_request(
         kept = torch.cat([structural.nonzero().flatten().cpu(), prunable.cpu()[decision.keep_indices]])
         images.append(ImageDecision(index, rows.shape[0], int(prunable.numel()), sorted(kept.tolist()),
                                     float(decision.gap), float(decision.keep_ratio)))
-    return RequestDecision(images=images, scoring_seconds=time.perf_counter() - started)
+    dropped: list[int] = []
+    if multi_turn is not None and answer_spans:
+        last_answer_end = answer_spans[-1][1]
+        current = [r for offset, r in image_rows if offset >= last_answer_end] or [r for _, r in image_rows]
+        answers = [ids[a:b] for a, b in answer_spans]
+        embeddings = model.embed_input_ids(torch.cat(answers).to(device))
+        rebased, offset = [], 0
+        for a, b in answer_spans:  # the answers' embeddings, back to back
+            rebased.append((offset, offset + b - a))
+            offset += b - a
+        image_embeddings = torch.cat(current).to(embeddings.dtype)
+        dropped = multi_turn.select_answers(rebased, embeddings, image_embeddings)
+    return RequestDecision(images=images, dropped_answers=dropped, scoring_seconds=time.perf_counter() - started)
 
 
 class AsymVLMRunnerMixin(TextEvictionRunnerMixin):
@@ -221,6 +242,7 @@ class AsymVLMRunnerMixin(TextEvictionRunnerMixin):
                     self.model, self._asymvlm_family, self.asymvlm_config, self._asymvlm_ranker,
                     list(state.prompt_token_ids), list(state.mm_features), list(spec.features),
                     self.encoder_cache, request_options_from_extra_args(spec.options), self.device,
+                    spec.answer_spans, self.asymvlm_config.text.make_multi_turn_policy() if spec.answer_spans else None,
                 )
         except (AsymVLMError, ValueError) as e:
             return RequestDecision(error=str(e))

@@ -37,6 +37,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from ..core.eviction import BlockEviction
 from ..core.prompt_rewrite import PlaceholderSpan, pruned_identifier, rewrite_prompt
+from ..core.turns import find_answer_spans
 from ..core.request_options import RequestOptionsError, request_options_from_extra_args
 from .families import family_for
 from .protocol import Materialize, ProbeSpec, RequestDecision, StepPlan
@@ -60,6 +61,8 @@ class RequestPruning:
     pruned: dict[str, Materialize] = field(default_factory=dict)
     """Pruned identifier → how the runner builds its embeddings."""
     mrope: tuple[list[list[int]], int] | None = None
+    answer_spans: list[tuple[int, int]] = field(default_factory=list)
+    """Previous answers the multi-turn rule chooses among (empty: they fit the budget)."""
 
 
 @dataclass
@@ -106,6 +109,7 @@ class AsymVLMScheduler(Scheduler):
         self._pending_materialize: dict[str, Materialize] = {}
         self._missing_decision_warned = False
         self._text: dict[str, RequestEvictionRecord] = {}
+        self._turn_markers: Any = None  # learned on the first multi-turn request; False: unavailable
         self.eviction_log: list[tuple[str, Any]] | None = None
         """Set to a list to record every applied eviction as (request id, runner choice)."""
         self._text_full_group = 0
@@ -205,6 +209,8 @@ class AsymVLMScheduler(Scheduler):
                     self._finish_record(state, "unsupported_option",
                                         "prompt_logprobs (and echo with logprobs) cover the whole prompt, "
                                         "so the request ran unpruned")
+                elif self.asymvlm_config.text.multi_turn:
+                    self._find_previous_answers(request, state)
             self._pruning[request.request_id] = state
             self._unannounced.add(request.request_id)
         super().add_request(request)
@@ -216,9 +222,27 @@ class AsymVLMScheduler(Scheduler):
         # A decision that could not be applied must not be reported as kept.
         state.outcome.pop("images", None)
         state.outcome.pop("prompt_tokens_prefilled", None)
+        for key in ("previous_answers", "answers_dropped", "answer_tokens_dropped"):
+            state.outcome.pop(key, None)
         state.outcome["vision_tokens_kept"] = state.outcome.get("vision_tokens", 0)
         if reason:
             state.outcome["reason"] = reason
+
+    # ------------------------------------------------------------------ multi-turn
+    def _find_previous_answers(self, request: Request, state: RequestPruning) -> None:
+        """The previous answers the probe must choose among, if they exceed the answer budget."""
+        from .turns import model_turn_markers
+
+        if self._turn_markers is None:
+            self._turn_markers = model_turn_markers(self.vllm_config.model_config) or False
+        if self._turn_markers is False:
+            state.outcome["multi_turn"] = "unavailable: the chat template's turns could not be learned (see the log)"
+            return
+        markers, is_blank = self._turn_markers
+        images = [(f.mm_position.offset, f.mm_position.offset + f.mm_position.length) for f in request.mm_features]
+        spans = find_answer_spans(request.prompt_token_ids, markers, is_blank, images)
+        if sum(b - a for a, b in spans) > self.asymvlm_config.text.multi_turn_answer_budget:
+            state.answer_spans = spans
 
     # ------------------------------------------------------------------ probe and hold
     def _try_schedule_encoder_inputs(self, request, num_computed_tokens, num_new_tokens,
@@ -287,7 +311,7 @@ class AsymVLMScheduler(Scheduler):
             if request_id in output.num_scheduled_tokens and state is not None and state.phase == _NEW:
                 state.phase = _PROBING
                 state.probe_started = now
-                plan.probes[request_id] = ProbeSpec(features, dict(state.options))
+                plan.probes[request_id] = ProbeSpec(features, dict(state.options), list(state.answer_spans))
         self._step_probes = {}
         plan.materialize, self._pending_materialize = self._pending_materialize, {}
         for request_id, features in output.scheduled_encoder_inputs.items():
@@ -440,7 +464,12 @@ class AsymVLMScheduler(Scheduler):
         state.outcome["vision_tokens_kept"] = (
             state.outcome["vision_tokens"] - sum(d.num_rows - d.num_kept for d in decision.images))
         changed = {i: d.keep_rows for i, d in images.items() if d.num_kept < d.num_rows}
-        if not changed:
+        dropped = [state.answer_spans[i] for i in decision.dropped_answers] if state.answer_spans else []
+        if state.answer_spans:
+            state.outcome["previous_answers"] = len(state.answer_spans)
+            state.outcome["answers_dropped"] = list(decision.dropped_answers)
+            state.outcome["answer_tokens_dropped"] = sum(b - a for a, b in dropped)
+        if not changed and not dropped:
             state.phase = _DONE
             state.outcome["status"] = "pruned"
             state.outcome["prompt_tokens_prefilled"] = request.num_prompt_tokens
@@ -452,7 +481,7 @@ class AsymVLMScheduler(Scheduler):
             self._finish_record(state, "error", f"request in state {request.status.name} at decision time")
             return
         # Everything that can fail on odd input happens before the request is touched.
-        rewritten, features, pruned = self._plan_rewrite(request, changed)
+        rewritten, features, pruned = self._plan_rewrite(request, changed, dropped)
         if request.status == RequestStatus.RUNNING:
             self._release(request)
         elif request.status == RequestStatus.PREEMPTED:
@@ -473,9 +502,9 @@ class AsymVLMScheduler(Scheduler):
         request.status = RequestStatus.WAITING
 
     @staticmethod
-    def _plan_rewrite(request: Request, keep_rows: dict[int, list[int]]):
+    def _plan_rewrite(request: Request, keep_rows: dict[int, list[int]], drop_ranges=()):
         """The pruned prompt, features and pruned identifiers; touches nothing."""
-        rewritten = rewrite_prompt(request.prompt_token_ids, _spans(request), keep_rows)
+        rewritten = rewrite_prompt(request.prompt_token_ids, _spans(request), keep_rows, drop_ranges)
         features, pruned = [], {}
         for index, (feature, span) in enumerate(zip(request.mm_features, rewritten.spans)):
             is_embed = None if span.is_embed is None else torch.tensor(span.is_embed, dtype=torch.bool)

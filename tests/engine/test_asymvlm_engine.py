@@ -296,7 +296,7 @@ class Reference:
 
 
 def hf_reference(vlm, prompt_text: str, images: list, decision, causal: bool = False, max_tokens: int = MAX_TOKENS,
-                 eviction=None) -> Reference:
+                 eviction=None, drop_spans=()) -> Reference:
     """Greedy ``max_tokens`` tokens of the transformers path, pruned to vLLM's keep set, with
     the text ``eviction`` policy if given (``Reference.generation`` then has its trace).
 
@@ -326,9 +326,15 @@ def hf_reference(vlm, prompt_text: str, images: list, decision, causal: bool = F
         assert num_tokens_to_keep(len(index), len(keep) / len(index), 1) == len(keep)
     assert len(ratios) == 1, f"images of one prompt kept different fractions {ratios}: one budget cannot express it"
     ranker = FixedKeepRanker(keep_sets)
+    drop = None
+    if drop_spans:  # the multi-turn rule's dropped answers, as token ranges of the prompt
+        mask = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.bool)
+        for start, end in drop_spans:
+            mask[start:end] = True
+        drop = [mask]
     with torch.inference_mode():
         prompt = prune_prompt(vlm.model, vlm.adapter, inputs, ranker, UniformBudget(ratios.pop()), 1,
-                              features=features)
+                              features=features, drop=drop)
     for image, keep in zip(prompt.images[0], keep_sets):
         assert image.decision.keep_indices.tolist() == keep
     if causal and prompt.token_type_ids is not None:

@@ -153,20 +153,27 @@ def test_engine_evicts_the_blocks_the_transformers_path_evicts(engines, hf_model
     assert num_free_blocks(llm) == free_before
 
 
-def test_eviction_off_or_never_due_gives_plain_vllm_tokens(engines):
-    """The plugin with eviction configured but not due (a budget above the answer) or turned off
-    per request generates exactly what plain vLLM generates from the same pruned prompt."""
-    plain = engines.build("llava-vision-only", "llava", {"vision": CONFIG["vision"]}, KV_CACHE_BYTES)
-    llm = engines.build("llava", "llava", CONFIG, KV_CACHE_BYTES)
-    prompts = [_prompt(engines, "llava", seed=41), {"prompt": "A text-only prompt about colours and shapes."}]
-    expected = [list(o.outputs[0].token_ids) for o in plain.generate(prompts, greedy_params(24), use_tqdm=False)]
-    for extra in ({"asymvlm_text_budget": 4096}, {"asymvlm_text_eviction": "off"}):
-        llm.reset_prefix_cache()
-        outs = llm.generate(prompts, greedy_params(24, extra_args=extra), use_tqdm=False)
+NEVER_DUE = {"vision": {"budget": {"rule": "uniform", "ratio": 1.0}},
+             "text": {"enabled": True, "budget_tokens": 4096, "block_size": BLOCK_SIZE}}
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "gemma3"])
+def test_eviction_off_or_never_due_gives_plain_vllm_tokens(engines, family):
+    """vLLM without the plugin, and the plugin (keep 1.0) with eviction configured but never due
+    (a budget above the answer) or turned off per request: the same tokens, image and
+    text-only requests alike. The compaction path stays idle: no request has holes."""
+    plain = engines.build(f"{family}-plain", family, None, KV_CACHE_BYTES)
+    plugin = engines.build(f"{family}-never-due", family, NEVER_DUE, KV_CACHE_BYTES)
+    prompts = [_prompt(engines, family, seed=41), {"prompt": "A text-only prompt about colours and shapes."}]
+    expected = [list(o.outputs[0].token_ids) for o in plain.generate(prompts, greedy_params(40), use_tqdm=False)]
+    for extra in (None, {"asymvlm_text_eviction": "off"}):
+        plugin.reset_prefix_cache()
+        outs = plugin.generate(prompts, greedy_params(40, extra_args=extra), use_tqdm=False)
         assert [list(o.outputs[0].token_ids) for o in outs] == expected, extra
         for o in outs:
-            text = (o.kv_transfer_params or {}).get("asymvlm", {}).get("text")
-            assert text is None if extra.get("asymvlm_text_eviction") == "off" else text["evicted_blocks"] == 0
+            text = ((o.kv_transfer_params or {}).get("asymvlm") or {}).get("text")
+            assert text is None if extra else (text["evicted_blocks"] == 0 and text["status"] == "on")
+    assert not any(0 in ids for state in model_runner(plugin).requests.values() for ids in state.block_ids)
 
 
 def test_live_blocks_stay_within_the_cap_and_all_come_back(engines):

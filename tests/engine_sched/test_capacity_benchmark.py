@@ -33,7 +33,7 @@ def test_quick_run_writes_ratios(tmp_path):
     assert [r["scenario"] for r in rows] == ["plain vLLM", "keep 75%", "keep 65%", "keep 50%", "adaptive"]
     fields = {"peak_running", "peak_running_queue", "steps", "blocks_per_request", "pool_capacity", "prefill_flops",
               "peak_running_ratio", "steps_ratio", "blocks_per_request_ratio", "prefill_flops_ratio",
-              "vision_tokens_kept_mean", "preemptions", "commit", "date", "device", "num_blocks", "requests"}
+              "vision_tokens_kept_mean", "preemptions", "commit", "dirty", "date", "device", "num_blocks", "requests"}
     assert all(fields <= set(r) for r in rows)
     plain, half = rows[0], rows[3]
     assert plain["peak_running_ratio"] == plain["steps_ratio"] == plain["prefill_flops_ratio"] == 1.0

@@ -170,3 +170,31 @@ def test_the_vision_tower_runs_once_per_chat_turn(tiny_vlm):
     finally:
         handle.remove()
     assert result.dropped_answers and len(calls) == 1
+
+
+@pytest.mark.parametrize("image_in_current_turn", [False, True])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_turn_markers_find_the_same_spans_without_the_processor(family, tiny_vlm, image_in_current_turn):
+    """What the engine does (``core.turns``): learn the template's turn markers once from one
+    rendered conversation, then find every answer with one scan of the token ids."""
+    from asymvlm_vllm.core.turns import find_answer_spans, learn_turn_markers
+
+    vlm = tiny_vlm(family)
+    tokenizer = vlm.processor.tokenizer
+
+    def render(messages, add_generation_prompt):
+        return vlm.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def is_blank(token_id):
+        return not tokenizer.decode([token_id]).strip()
+
+    markers = learn_turn_markers(render, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], is_blank)
+    messages, images = _conversation(image_in_current_turn)
+    ids = conversation_inputs(vlm.processor, messages, images)["input_ids"][0]
+    expected = answer_token_spans(vlm.processor, messages, images, ids)
+    assert find_answer_spans(ids.tolist(), markers, is_blank) == expected
+    # Image placeholders are never inside an answer; a span that would overlap one is skipped.
+    image = (ids == vlm.adapter.image_token_id(vlm.model)).nonzero().flatten().tolist()
+    assert find_answer_spans(ids.tolist(), markers, is_blank, [(expected[1][0], expected[1][0] + 1)]) == \
+        [expected[0], expected[2]]
+    assert not any(a <= p < b for a, b in expected for p in image)
