@@ -217,6 +217,7 @@ class EvictionChoice:
     importance: list[float] = field(default_factory=list)
     """Head-mean attention mass of each live block before the eviction (0 for non-candidates)."""
     seconds: float = 0.0
+    """This request's share of the step's time choosing (importance and choice), in seconds."""
 
 
 class TextEvictionRunnerMixin:
@@ -393,7 +394,7 @@ class TextEvictionRunnerMixin:
 
             mass = tensor_model_parallel_all_reduce(mass) / tp
         mass = mass.float().cpu()
-        seconds = time.perf_counter() - started
+        seconds = (time.perf_counter() - started) / len(due)  # each due request's share of the step's cost
         for r, item in enumerate(due):
             record = self._text_requests[item.request_id]
             importance = torch.zeros(len(lives[r]), dtype=torch.float32)

@@ -307,3 +307,23 @@ def test_a_preempted_evicting_request_recomputes_and_evicts_again(engines):
     after = events[events.index(("preempted", victim)) + 1:]
     assert ("evicted", victim) in after, "the preempted request did not evict again after it came back"
     assert num_free_blocks(llm) == free_before
+
+
+def test_the_eviction_cost_benchmark_runs(tmp_path):
+    """``benchmarks/eviction_cost.py --cpu-test-engine`` stays runnable (its numbers are not
+    checked: speed lives in the benchmark)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "eviction_cost.py"
+    spec = importlib.util.spec_from_file_location("eviction_cost_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "eviction_cost.json"
+    bench.main(["--cpu-test-engine", "--requests", "2", "--output-tokens", "140", "--budget", "8", "--rounds", "1",
+                "--out", str(out)])
+    never, evict = json.loads(out.read_text())
+    assert (never["setting"], evict["setting"]) == ("never due", "evict")
+    assert never["evicted_blocks"] == 0 < evict["evicted_blocks"]
+    assert {"commit", "dirty", "device", "vllm", "torch", "median_step_ratio"} <= set(evict)
