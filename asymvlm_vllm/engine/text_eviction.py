@@ -161,22 +161,23 @@ class QueryCapture:
     capture it always copies, so that full-graph replays refresh the buffer too.
     """
 
-    def __init__(self, layer: Any, max_tokens: int):
+    def __init__(self, layer: Any, buffer: torch.Tensor):
         self.layer = layer
         self.wanted = False
-        self.buffer: torch.Tensor | None = None
+        self.buffer = buffer
+        """(max tokens, heads, head size), allocated before any graph is captured."""
         self.num_tokens = 0
         self.kv_cache: torch.Tensor | None = None
-        self._max_tokens = max_tokens
         original = layer.impl.forward
 
         def forward(layer_, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
             capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
             if (self.wanted or capturing) and attn_metadata is not None:
-                n = min(query.shape[0], self._max_tokens)
-                if self.buffer is None or self.buffer.shape[1:] != query.shape[1:] or self.buffer.device != query.device:
-                    self.buffer = torch.empty((self._max_tokens, *query.shape[1:]), dtype=query.dtype, device=query.device)
-                self.buffer[:n].copy_(query[:n])
+                query_rows = query.reshape(query.shape[0], *self.buffer.shape[1:])
+                if query_rows.dtype != self.buffer.dtype and not capturing:
+                    self.buffer = torch.empty(self.buffer.shape, dtype=query.dtype, device=self.buffer.device)
+                n = min(query.shape[0], self.buffer.shape[0])
+                self.buffer[:n].copy_(query_rows[:n])
                 self.num_tokens = n
                 self.kv_cache = kv_cache
             return original(layer_, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
@@ -274,7 +275,10 @@ class TextEvictionRunnerMixin:
         self._text_query_group = query_group
         self._text_block_size = groups[query_group].kv_cache_spec.block_size
         self._text_layer_name = name
-        self._text_capture = QueryCapture(layer, self.max_num_tokens)
+        impl = layer.impl
+        buffer = torch.empty((self.max_num_tokens, impl.num_heads, impl.head_size), dtype=self.model_config.dtype,
+                             device=self.device)
+        self._text_capture = QueryCapture(layer, buffer)
         for g in self._text_groups:
             for attn_group in self.attn_groups[g]:
                 self._wrap_attention_group(attn_group)

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -28,7 +29,7 @@ import torch
 __all__ = [
     "ENGINE_ENV", "EnginePool", "SHIM_DIR", "block_pool", "chat_messages", "configure_cpu_engine_env", "engine_core",
     "engine_image", "free_llm", "free_llms", "generated_tokens", "greedy_params", "make_llm", "make_plugin_llm",
-    "model_runner", "num_free_blocks", "scheduler", "subprocess_env",
+    "model_runner", "num_free_blocks", "recorded_decisions", "scheduler", "subprocess_env",
 ]
 
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
@@ -216,6 +217,23 @@ def scheduler(llm):
 def model_runner(llm):
     """The driver worker's model runner (``CPUModelRunner`` or a subclass)."""
     return engine_core(llm).model_executor.driver_worker.worker.model_runner
+
+
+@contextlib.contextmanager
+def recorded_decisions(sched):
+    """Inside the block, every decision the AsymVLM scheduler applies, by request id."""
+    decisions = {}
+    apply = sched._apply_decision
+
+    def record(request_id, decision):
+        decisions[request_id] = decision
+        return apply(request_id, decision)
+
+    sched._apply_decision = record
+    try:
+        yield decisions
+    finally:
+        del sched._apply_decision
 
 
 def block_pool(llm):

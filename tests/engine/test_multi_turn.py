@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .helpers import EnginePool, engine_image, greedy_params, num_free_blocks, scheduler
+from .helpers import EnginePool, engine_image, greedy_params, num_free_blocks, recorded_decisions, scheduler
 from .test_asymvlm_engine import hf_reference
 
 pytestmark = pytest.mark.slow
@@ -82,21 +82,10 @@ def _reference_drop(vlm, hf_messages, images):
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3"])
 def test_engine_drops_the_answers_the_transformers_path_drops(engines, hf_models, family):
     llm = engines.build(family, family, CONFIG, KV_CACHE_BYTES)
-    sched = scheduler(llm)
-    decisions = {}
-    apply = sched._apply_decision
-
-    def record(request_id, decision):
-        decisions[request_id] = decision
-        return apply(request_id, decision)
-
-    sched._apply_decision = record
     free_before = num_free_blocks(llm)
     openai, hf_messages, images = _conversation(seed=50)
-    try:
+    with recorded_decisions(scheduler(llm)) as decisions:
         (out,) = llm.chat([openai], greedy_params(MAX_TOKENS), use_tqdm=False)
-    finally:
-        del sched._apply_decision
     outcome = out.kv_transfer_params["asymvlm"]
     vlm = hf_models(family)
     spans, dropped, prompt_text = _reference_drop(vlm, hf_messages, images)

@@ -190,6 +190,12 @@ def test_text_eviction_reports_its_outcome_and_metrics(server):
     prefilled = outcome["prompt_tokens_prefilled"]
     assert 0 < text["peak_live_blocks"] <= math.ceil(prefilled / 32) + 1 + 1 + 1  # prompt + budget + protected + 1
     assert body["usage"]["completion_tokens"] == 200
+    # VLLM_LOGGING_LEVEL=DEBUG: one line per eviction on logger vllm.asymvlm (the worker's)
+    pattern = rf"AsymVLM: request {re.escape(body['id'])}\S*: evicted blocks \[\d+(, \d+)*\] \(\d+ live tokens before\)"
+    deadline = time.monotonic() + 10
+    while len(re.findall(pattern, server.log.read_text(errors="replace"))) < text["eviction_steps"]:
+        assert time.monotonic() < deadline, _tail(server.log)
+        time.sleep(0.5)
 
     import httpx
     import json

@@ -36,8 +36,11 @@ import torch
 
 from tests.reference import block_attention_mass_reference, evict_blocks_reference
 
-from .helpers import EnginePool, engine_image, greedy_params, model_runner, num_free_blocks, scheduler
+from .helpers import (
+    EnginePool, engine_image, greedy_params, model_runner, num_free_blocks, recorded_decisions, scheduler,
+)
 from .test_asymvlm_engine import QUESTION, Req, _prompt_text, hf_reference
+from .test_engine_scenarios import _drain
 
 pytestmark = pytest.mark.slow
 
@@ -61,32 +64,6 @@ def engines(engine_models):
 def _prompt(engines, family: str, seed: int, question: str = QUESTION) -> dict:
     text = _prompt_text(engines.processor(family), Req("r", (seed,), question))
     return {"prompt": text, "multi_modal_data": {"image": engine_image(seed)}}
-
-
-def _drain(llm, max_steps: int = 5000, each_step=None) -> dict:
-    engine = llm.llm_engine
-    finished = {}
-    for _ in range(max_steps):
-        if not engine.has_unfinished_requests():
-            return finished
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-        if each_step is not None:
-            each_step()
-    raise AssertionError(f"the engine was still busy after {max_steps} steps")
-
-
-def _record_decisions(sched) -> dict:
-    decisions = {}
-    apply = sched._apply_decision
-
-    def record(request_id, decision):
-        decisions[request_id] = decision
-        return apply(request_id, decision)
-
-    sched._apply_decision = record
-    return decisions
 
 
 def _cap(num_prompt_tokens: int) -> int:
@@ -113,11 +90,11 @@ def test_engine_evicts_the_blocks_the_transformers_path_evicts(engines, hf_model
 
     llm = engines.build(family, family, CONFIG, KV_CACHE_BYTES)
     sched = scheduler(llm)
-    decisions = _record_decisions(sched)
     sched.eviction_log = []
     free_before = num_free_blocks(llm)
     prompt = _prompt(engines, family, seed=40)
-    (out,) = llm.generate([prompt], greedy_params(MAX_TOKENS), use_tqdm=False)
+    with recorded_decisions(sched) as decisions:
+        (out,) = llm.generate([prompt], greedy_params(MAX_TOKENS), use_tqdm=False)
     log, sched.eviction_log = sched.eviction_log, None
     outcome = out.kv_transfer_params["asymvlm"]
     assert outcome["status"] == "pruned" and outcome["vision_tokens_kept"] < outcome["vision_tokens"]
