@@ -227,6 +227,7 @@ class TextEvictionRunnerMixin:
     def _text_init(self) -> None:
         self._text_requests: dict[str, RequestEviction] = {}
         self._text_due: list[DueRequest] = []
+        self._text_hole_rows: list[int] = []
         self._text_choices: dict[str, EvictionChoice] = {}
         self._text_capture: QueryCapture | None = None
         self._text_groups: list[int] = []
@@ -311,17 +312,15 @@ class TextEvictionRunnerMixin:
             out_tables, out_lens = compact_for_attention(cm.block_table_tensor, cm.seq_lens, self._text_block_size,
                                                          tables[:rows, :width], lens[:rows])
             return replace(cm, block_table_tensor=out_tables, seq_lens=out_lens)
-        if not self._text_any_holes():
+        rows = [r for r in self._text_hole_rows if r < cm.block_table_tensor.shape[0]]
+        if not rows:
             return cm
-        tables, lens = compact_for_attention(cm.block_table_tensor, cm.seq_lens, self._text_block_size)
+        # Only the rows with holes change: compact those (the torch reference) into copies.
+        index = torch.tensor(rows, dtype=torch.long)
+        tables, lens = cm.block_table_tensor.clone(), cm.seq_lens.clone()
+        packed, packed_lens = compact_for_attention(tables[index], lens[index], self._text_block_size)
+        tables[index], lens[index] = packed, packed_lens
         return replace(cm, block_table_tensor=tables, seq_lens=lens)
-
-    def _text_any_holes(self) -> bool:
-        g = self._text_query_group
-        for req_id in self.input_batch.req_ids:
-            if req_id in self._text_requests and 0 in self.requests[req_id].block_ids[g]:
-                return True
-        return False
 
     # ------------------------------------------------------------ per step
     def _text_update_states(self, scheduler_output: Any, policies: dict[str, BlockEviction]) -> None:
@@ -340,6 +339,7 @@ class TextEvictionRunnerMixin:
     def _text_find_due(self, scheduler_output: Any) -> None:
         """After ``_prepare_inputs``: which requests are due, and where their newest query sits."""
         self._text_due = []
+        self._text_hole_rows = []
         if not self._text_requests or self._text_capture is None:
             self._text_capture is not None and setattr(self._text_capture, "wanted", False)
             return
@@ -354,7 +354,13 @@ class TextEvictionRunnerMixin:
             state = self.requests[req_id]
             num_tokens = state.num_computed_tokens + scheduled
             holes = state.block_ids[g][: math.ceil(num_tokens / bs)].count(0)
-            if num_tokens - holes * bs - record.num_prompt_tokens > record.policy.budget:
+            if holes:
+                self._text_hole_rows.append(row)
+            # Due: over budget, and with a block the rule may evict (not the prompt's, not the
+            # newest, not a protected one); otherwise scoring would find nothing to choose.
+            live_blocks = math.ceil(num_tokens / bs) - holes
+            candidates = live_blocks - 1 - record.policy.protected_recent_blocks - math.ceil(record.num_prompt_tokens / bs)
+            if candidates > 0 and num_tokens - holes * bs - record.num_prompt_tokens > record.policy.budget:
                 self._text_due.append(DueRequest(req_id, row, int(starts[row + 1]) - 1, num_tokens))
         self._text_capture.wanted = bool(self._text_due)
 
