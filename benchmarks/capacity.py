@@ -60,7 +60,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -174,18 +173,11 @@ def run_scenario(args, num_blocks: int, asymvlm_config: dict | None) -> dict:
 def _environment() -> dict:
     import vllm
 
-    here = Path(__file__).parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=here, check=True).stdout.strip()
-        # Uncommitted changes to the code (results files aside) make the row irreproducible.
-        status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"],
-                                capture_output=True, text=True, cwd=here.parent, check=True).stdout
-        dirty = bool(status.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = os.environ.get("ASYMVLM_BENCH_COMMIT", "unknown"), None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import checkout
+
     return {"device": f"cpu ({os.cpu_count()} cores), scheduler only", "vllm": vllm.__version__,
-            "python": platform.python_version(), "commit": commit, "dirty": dirty,
+            "python": platform.python_version(), **checkout(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -90,21 +90,29 @@ def measured_bandwidth_gbps(device: str, nbytes: int = 1 << 30, rep: int = 20) -
     return 2 * nbytes / us / 1e3
 
 
+def checkout() -> dict:
+    """``commit`` (short hash) and ``dirty`` (uncommitted changes outside ``benchmarks/results``,
+    None when unknown) of the checkout the benchmark runs from."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root,
+                                check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"],
+                                capture_output=True, text=True, cwd=root, check=True).stdout
+        return {"commit": commit, "dirty": bool(status.strip())}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": os.environ.get("ASYMVLM_BENCH_COMMIT", "unknown"), "dirty": None}  # copies without .git
+
+
 def environment(device: str) -> dict:
     import torch
     import triton
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("ASYMVLM_BENCH_COMMIT", "unknown")  # copies without .git (run_gpu.sh)
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1, smoke only)",
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": commit,
+        **checkout(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

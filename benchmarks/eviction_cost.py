@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,14 +43,10 @@ def _environment(device: str) -> dict:
     import torch
     import vllm
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"],
-                                    capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", None
-    return {"commit": commit, "dirty": dirty, "device": device, "vllm": vllm.__version__, "torch": torch.__version__,
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import checkout
+
+    return {**checkout(), "device": device, "vllm": vllm.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 

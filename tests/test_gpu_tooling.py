@@ -1,0 +1,74 @@
+"""The GPU run's tooling (``benchmarks/gpu/``), on CPU: the op stand-ins against formulas and the
+tool that turns a run's output into result rows. (``run.sh`` itself needs the lent GPU; its
+non-CUDA steps are rehearsed with ``ASYMVLM_GPU_REHEARSAL=1``, see ``benchmarks/README.md``.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+GPU = Path(__file__).parents[1] / "benchmarks" / "gpu"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"asymvlm_gpu_{name}", GPU / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_standins_compute_what_the_compiled_ops_do():
+    # The functions, not the registered ops: registering _C ops here could clash with the CPU
+    # engine's test shim in the same process.
+    s = _load("standins")
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 64), torch.rand(64) + 0.5
+    out = torch.empty_like(x)
+    s.rms_norm(out, x, w, 1e-6)
+    xd = x.double()
+    expected = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    residual = torch.randn(5, 64)
+    summed = x + residual
+    x2, r2 = x.clone(), residual.clone()
+    s.fused_add_rms_norm(x2, r2, w, 1e-6)
+    torch.testing.assert_close(r2, summed)
+    sd = summed.double()
+    torch.testing.assert_close(x2.double(), sd / torch.sqrt(sd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double(),
+                               rtol=1e-5, atol=1e-6)
+    gate_up = torch.randn(3, 8)
+    act = torch.empty(3, 4)
+    s.silu_and_mul(act, gate_up)
+    torch.testing.assert_close(act, gate_up[:, :4] * torch.sigmoid(gate_up[:, :4]) * gate_up[:, 4:])
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    s.apply_repetition_penalties_(logits, torch.tensor([[True, False, False]]), torch.tensor([[False, True, False]]),
+                                  torch.tensor([2.0]))
+    assert logits.tolist() == [[1.0, -4.0, 1.0]]
+    assert s.CALLS["rms_norm"] == 1 and set(s.SCHEMAS) == set(s._IMPLS)
+
+
+def test_record_turns_a_run_into_rows(tmp_path):
+    record = _load("record")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "environment.json").write_text("noise\n" + json.dumps({"device": "NVIDIA H200", "torch": "2.11.0+cu130",
+                                                                  "triton": "3.6.0", "vllm": "0.33.0"}) + "\n")
+    (out / "steps.jsonl").write_text("\n".join(json.dumps(s) for s in [
+        {"step": "a_smoke_llava", "rc": 0, "seconds": 80}, {"step": "d_throughput", "rc": 0, "seconds": 90},
+        {"step": "a2_smoke_qwen", "rc": 124, "seconds": 40}]) + "\n")
+    (out / "a_smoke.jsonl").write_text(json.dumps({"model": "llava-1.5-7b", "step": "greedy", "ok": True}) + "\n")
+    (out / "d_throughput.jsonl").write_text(json.dumps({"step": "throughput_ratio", "ratio": 1.25}) + "\n")
+    rows = record.main([str(out), "--out", str(tmp_path / "gpu.json")])
+    assert [r["step"] for r in rows] == ["a_smoke_llava", "d_throughput", "a2_smoke_qwen"]
+    for row in rows:
+        assert {"commit", "dirty", "gpu", "route", "date", "rc", "seconds", "measured"} <= set(row)
+        assert row["gpu"] == "NVIDIA H200" and row["route"]["torch"] == "2.11.0+cu130"
+        assert row["route"]["compiled_ops"].startswith("stand-ins")
+    assert rows[0]["measured"] == [{"model": "llava-1.5-7b", "step": "greedy", "ok": True}]
+    assert json.loads((tmp_path / "gpu.json").read_text()) == rows
+    assert "plugin / plain requests per second: 1.25" in record.table(rows)
