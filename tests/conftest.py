@@ -23,3 +23,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """A function family -> tiny random-weight model directory; builds each family at most once
+    per session (``asymvlm_vllm.hf.tiny``, imported when first used)."""
+    root = tmp_path_factory.mktemp("tiny-vlms")
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            from asymvlm_vllm.hf.tiny import build_tiny_model
+
+            built[family] = build_tiny_model(family, root / family)
+        return built[family]
+
+    return get

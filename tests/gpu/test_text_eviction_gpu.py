@@ -19,41 +19,25 @@ import math
 import pytest
 import torch
 
+from .helpers import BLOCK_SIZE, engine, free, scheduler
+
 pytestmark = pytest.mark.gpu
 
-BLOCK_SIZE = 16
 BUDGET = 32
 MAX_TOKENS = 160
 PROMPTS = ["Tell a very long story about a red square and a blue circle.",
            "Describe, at length, every shape you can think of."]
 
 
-@pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory):
-    from asymvlm_vllm.hf.tiny import build_tiny_model
-
-    return build_tiny_model("llava", tmp_path_factory.mktemp("gpu-tiny") / "llava")
-
-
 def _engine(model, backend: str, dtype: str, eager: bool):
-    from vllm import LLM
-
-    from asymvlm_vllm.engine.plugin import asymvlm_engine_args
-
     config = {"text": {"enabled": True, "budget_tokens": BUDGET, "block_size": BLOCK_SIZE}}
-    return LLM(**asymvlm_engine_args(model, config, dtype=dtype, block_size=BLOCK_SIZE, enforce_eager=eager,
-                                     attention_backend=backend, max_model_len=512, max_num_seqs=4,
-                                     gpu_memory_utilization=0.3, enable_prefix_caching=True, seed=0))
-
-
-def _scheduler(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
+    return engine(model, config, dtype=dtype, enforce_eager=eager, attention_backend=backend, max_model_len=512)
 
 
 def _run(llm):
     from vllm import SamplingParams
 
-    sched = _scheduler(llm)
+    sched = scheduler(llm)
     pool = sched.kv_cache_manager.block_pool
     free_before = pool.get_num_free_blocks()
     sched.eviction_log = []
@@ -71,28 +55,18 @@ def _run(llm):
     return tokens, evictions, log
 
 
-def _free(llm):
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    cleanup_dist_env_and_memory()
-    torch.cuda.empty_cache()
-
-
-def test_triton_attention_evicts_what_the_transformers_path_evicts(tiny_llava, monkeypatch):
+def test_triton_attention_evicts_what_the_transformers_path_evicts(tiny_model_dirs, monkeypatch):
     from asymvlm_vllm.core.eviction import BlockEviction
     from asymvlm_vllm.hf import PrunedVLM
     from asymvlm_vllm.hf.generation import generate_from_prompt
 
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # float32 on both sides
-    llm = _engine(tiny_llava, "TRITON_ATTN", "float32", eager=True)
+    llm = _engine(tiny_model_dirs("llava"), "TRITON_ATTN", "float32", eager=True)
     try:
         tokens, _, log = _run(llm)
     finally:
-        _free(llm)
-    vlm = PrunedVLM.from_pretrained(tiny_llava)
+        free(llm)
+    vlm = PrunedVLM.from_pretrained(tiny_model_dirs("llava"))
     vlm.model.to("cuda")
     for prompt, ours in zip(PROMPTS, tokens):
         inputs = vlm.processor(text=[prompt], return_tensors="pt").to("cuda")
@@ -104,15 +78,14 @@ def test_triton_attention_evicts_what_the_transformers_path_evicts(tiny_llava, m
 
 
 @pytest.mark.parametrize("backend", ["FLASH_ATTN", "TRITON_ATTN"])
-def test_cuda_graphs_evict_like_eager(tiny_llava, monkeypatch, backend):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+def test_cuda_graphs_evict_like_eager(tiny_model_dirs, backend):
     runs = {}
     for eager in (True, False):
-        llm = _engine(tiny_llava, backend, "bfloat16", eager=eager)
+        llm = _engine(tiny_model_dirs("llava"), backend, "bfloat16", eager=eager)
         try:
             tokens, evictions, _ = _run(llm)
         finally:
-            _free(llm)
+            free(llm)
         runs[eager] = (tokens, sorted(evictions.values()))
     assert runs[True][1], "nothing was evicted"
     assert runs[False] == runs[True]

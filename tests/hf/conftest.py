@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from asymvlm_vllm.hf.tiny import FAMILIES, build_tiny_model
+from asymvlm_vllm.hf.tiny import FAMILIES
 
 ALL_FAMILIES = sorted(FAMILIES)
 
@@ -20,20 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dirs(tmp_path_factory):
-    """A function family -> model directory; builds each family at most once per session."""
-    root = tmp_path_factory.mktemp("tiny-vlms")
-    built = {}
-
-    def get(family: str):
-        if family not in built:
-            built[family] = build_tiny_model(family, root / family)
-        return built[family]
-
-    return get
 
 
 @pytest.fixture(scope="session")
