@@ -46,7 +46,8 @@ def rows_from(out_dir: Path) -> list[dict]:
     measured: dict[str, list[dict]] = {
         "a_smoke_llava": [r for r in _lines(out_dir / "a_smoke.jsonl") if r.get("model") == "llava-1.5-7b"],
         "a2_smoke_qwen": [r for r in _lines(out_dir / "a_smoke.jsonl") if r.get("model") == "qwen2.5-vl-7b"],
-        "d_throughput": _lines(out_dir / "d_throughput.jsonl"),
+        "d_throughput": [r for r in _lines(out_dir / "d_throughput.jsonl") if r.get("model") != "qwen2.5-vl-7b"],
+        "d2_throughput_qwen": [r for r in _lines(out_dir / "d_throughput.jsonl") if r.get("model") == "qwen2.5-vl-7b"],
     }
     for path in sorted(out_dir.glob("c_*.json")):
         measured.setdefault("c_kernel_benchmarks", []).extend(json.loads(path.read_text()))
@@ -60,7 +61,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| step | rc | seconds | result |", "|---|---|---|---|"]
     for row in rows:
         result = ""
-        if row["step"] == "d_throughput":
+        if row["step"].startswith("d"):
             ratio = [m["ratio"] for m in row["measured"] if m.get("step") == "throughput_ratio"]
             result = f"plugin / plain requests per second: {ratio[0]:.2f}" if ratio else ""
         elif row["step"].startswith("a"):

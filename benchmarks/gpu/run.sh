@@ -3,7 +3,8 @@
 # Needs, carried: .gpu_carry/vllm033-lean-target.tar.xz (bash benchmarks/gpu/build_carry.sh).
 # Each step has its own time limit, so a failure still leaves the earlier steps' results; every
 # step appends {"step", "rc", "seconds"} to $OUT/steps.jsonl and writes $OUT/<step>.log.
-#   device run: bash benchmarks/gpu/run.sh        (about 9 minutes at most)
+#   device run: bash benchmarks/gpu/run.sh        (9 minutes at most; ASYMVLM_GPU_PART=2: the Qwen steps,
+#               for a second call)
 #   here:       ASYMVLM_GPU_REHEARSAL=1 OUT=/tmp/out bash benchmarks/gpu/run.sh   (no CUDA: what can run)
 set -u
 cd "$(dirname "$0")/../.."
@@ -39,14 +40,14 @@ export VLLM_ENABLE_V1_MULTIPROCESSING=0
 unset TRITON_INTERPRET
 echo "unpacked in $(( $(date +%s) - started )) s"
 
-step environment 30 python3 -c "
+step environment 20 python3 -c "
 import json, platform, torch, triton, transformers, vllm, standins
 print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__, 'cuda': torch.version.cuda,
                   'triton': triton.__version__, 'transformers': transformers.__version__, 'vllm': vllm.__version__,
                   'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
                   'standins_defined': standins.register()}))"
 cp "$OUT/environment.log" "$OUT/environment.json"
-step models 60 python3 benchmarks/gpu/models.py /tmp/asymvlm-models
+step models 40 python3 benchmarks/gpu/models.py /tmp/asymvlm-models
 
 # Tests run from a copy: from the repository root, the source tree's asymvlm_vllm/ (no kernels/
 # inside) would shadow the laid-out package.
@@ -60,14 +61,19 @@ if [ "$rehearsal" = 1 ]; then
   exit 0
 fi
 
+if [ "${ASYMVLM_GPU_PART:-1}" = 2 ]; then
+  # The second call of a session (if the first left time): Qwen2.5-VL-7B, 1,600 image tokens.
+  step a2_smoke_qwen 180 python3 benchmarks/gpu/smoke.py /tmp/asymvlm-models/qwen2.5-vl-7b --out "$OUT/a_smoke.jsonl"
+  step d2_throughput_qwen 240 python3 benchmarks/gpu/smoke.py /tmp/asymvlm-models/qwen2.5-vl-7b --throughput 32 --out "$OUT/d_throughput.jsonl"
+  echo "total $(( $(date +%s) - started )) s"
+  exit 0
+fi
 # a. the plugin on the GPU at a real shape (async scheduling on, as vLLM defaults there)
-step a_smoke_llava 150 python3 benchmarks/gpu/smoke.py /tmp/asymvlm-models/llava-1.5-7b --out "$OUT/a_smoke.jsonl"
-# b. gpu-marked tests: kernels at real shapes, text eviction in the CUDA engine
-step b_gpu_tests 110 bash -c "cd $tests && python3 -m pytest -q -m gpu tests/kernels tests/gpu -p no:cacheprovider --junitxml=$OUT/b_gpu_tests.xml"
+step a_smoke_llava 120 python3 benchmarks/gpu/smoke.py /tmp/asymvlm-models/llava-1.5-7b --out "$OUT/a_smoke.jsonl"
+# b. gpu-marked tests: the CUDA engine (pruning, text eviction) first, then the kernels at real shapes
+step b_gpu_tests 200 bash -c "cd $tests && python3 -m pytest -q -m gpu tests/gpu tests/kernels -p no:cacheprovider --junitxml=$OUT/b_gpu_tests.xml"
 # c. the kernel benchmarks, with their floors
-step c_kernel_benchmarks 50 bash -c "for name in vision_selection block_table block_importance; do python3 benchmarks/\$name.py --out $OUT/c_\$name.json || exit 1; done"
+step c_kernel_benchmarks 40 bash -c "for name in vision_selection block_table block_importance; do python3 benchmarks/\$name.py --out $OUT/c_\$name.json || exit 1; done"
 # d. a first throughput ratio: plain vLLM vs the plugin, same flags, same process
 step d_throughput 100 python3 benchmarks/gpu/smoke.py /tmp/asymvlm-models/llava-1.5-7b --throughput 64 --out "$OUT/d_throughput.jsonl"
-# a2. Qwen2.5-VL-7B (1,600 image tokens) if time is left
-step a2_smoke_qwen 40 python3 benchmarks/gpu/smoke.py /tmp/asymvlm-models/qwen2.5-vl-7b --out "$OUT/a_smoke.jsonl"
 echo "total $(( $(date +%s) - started )) s"
