@@ -275,7 +275,6 @@ class TextEvictionRunnerMixin:
         self._text_groups = list(range(len(groups)))
         self._text_query_group = query_group
         self._text_block_size = groups[query_group].kv_cache_spec.block_size
-        self._text_layer_name = name
         impl = layer.impl
         buffer = torch.empty((self.max_num_tokens, impl.num_heads, impl.head_size), dtype=self.model_config.dtype,
                              device=self.device)
