@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if not args.model and not args.cpu_test_engine:
         parser.error("give --model DIR or --cpu-test-engine")
-    overrides: dict = {}
     if args.cpu_test_engine:
         sys.path.insert(0, str(ROOT))
         from tests.engine.helpers import make_plugin_llm  # sets the CPU engine's env before vLLM loads
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from asymvlm_vllm.engine.plugin import asymvlm_engine_args
 
         def build(config):
-            return LLM(**asymvlm_engine_args(args.model, config, **overrides))
+            return LLM(**asymvlm_engine_args(args.model, config))
         import torch
 
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

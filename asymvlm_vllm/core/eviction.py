@@ -154,6 +154,18 @@ class BlockEviction:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
 
+    def _candidate_blocks(self, num_prompt_tokens: int, num_tokens: int) -> tuple[int, int]:
+        """Live block indices ``[first, end)`` that may be evicted."""
+        num_blocks = math.ceil(num_tokens / self.block_size)
+        return math.ceil(num_prompt_tokens / self.block_size), num_blocks - 1 - self.protected_recent_blocks
+
+    def due(self, num_prompt_tokens: int, num_tokens: int) -> bool:
+        """Whether :meth:`evict_generated_blocks` evicts something for these live tokens: the
+        generated ones exceed the budget and some block may be evicted. An engine scores
+        blocks only for requests that are due."""
+        first, end = self._candidate_blocks(num_prompt_tokens, num_tokens)
+        return num_tokens - num_prompt_tokens > self.budget and end > first
+
     def evict_generated_blocks(self, block_importance: Tensor, num_prompt_tokens: int, num_tokens: int) -> Tensor:
         """Live block indices (int64, ascending) to evict.
 
@@ -175,11 +187,10 @@ class BlockEviction:
         if torch.isnan(block_importance).any():
             raise ValueError("block_importance contains NaN")
         device = block_importance.device
-        excess = num_tokens - num_prompt_tokens - self.budget
-        first = math.ceil(num_prompt_tokens / self.block_size)
-        end = num_blocks - 1 - self.protected_recent_blocks
-        if excess <= 0 or end <= first:
+        if not self.due(num_prompt_tokens, num_tokens):
             return _empty(device)
+        excess = num_tokens - num_prompt_tokens - self.budget
+        first, end = self._candidate_blocks(num_prompt_tokens, num_tokens)
         candidates = torch.arange(first, end, device=device)
         count = min(math.ceil(excess / self.block_size), candidates.numel())
         return _lowest(block_importance.float(), candidates, count)

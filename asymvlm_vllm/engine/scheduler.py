@@ -113,7 +113,7 @@ class AsymVLMScheduler(Scheduler):
         self.eviction_log: list[tuple[str, Any]] | None = None
         """Set to a list to record every applied eviction as (request id, runner choice)."""
         self._text_full_group = 0
-        self._text_groups = self._full_attention_groups()
+        self._text_groups = self._evictable_groups()
         if self._text_groups:
             coordinator = self.kv_cache_manager.coordinator
             cache_blocks = coordinator.cache_blocks
@@ -131,7 +131,7 @@ class AsymVLMScheduler(Scheduler):
         """AsymVLM's record of a live request (None for requests it does not touch)."""
         return self._pruning.get(request_id)
 
-    def _full_attention_groups(self) -> list[int]:
+    def _evictable_groups(self) -> list[int]:
         """The KV-cache groups evicted blocks are freed from: every group, when all are full or
         sliding-window attention and one is full; none otherwise (eviction is unavailable)."""
         from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SlidingWindowManager

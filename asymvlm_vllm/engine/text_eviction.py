@@ -166,7 +166,6 @@ class QueryCapture:
         self.wanted = False
         self.buffer = buffer
         """(max tokens, heads, head size), allocated before any graph is captured."""
-        self.num_tokens = 0
         self.kv_cache: torch.Tensor | None = None
         original = layer.impl.forward
 
@@ -178,7 +177,6 @@ class QueryCapture:
                     self.buffer = torch.empty(self.buffer.shape, dtype=query.dtype, device=self.buffer.device)
                 n = min(query.shape[0], self.buffer.shape[0])
                 self.buffer[:n].copy_(query_rows[:n])
-                self.num_tokens = n
                 self.kv_cache = kv_cache
             return original(layer_, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
 
@@ -355,11 +353,7 @@ class TextEvictionRunnerMixin:
             holes = state.block_ids[g][: math.ceil(num_tokens / bs)].count(0)
             if holes:
                 self._text_hole_rows.append(row)
-            # Due: over budget, and with a block the rule may evict (not the prompt's, not the
-            # newest, not a protected one); otherwise scoring would find nothing to choose.
-            live_blocks = math.ceil(num_tokens / bs) - holes
-            candidates = live_blocks - 1 - record.policy.protected_recent_blocks - math.ceil(record.num_prompt_tokens / bs)
-            if candidates > 0 and num_tokens - holes * bs - record.num_prompt_tokens > record.policy.budget:
+            if record.policy.due(record.num_prompt_tokens, num_tokens - holes * bs):
                 self._text_due.append(DueRequest(req_id, row, int(starts[row + 1]) - 1, num_tokens))
         self._text_capture.wanted = bool(self._text_due)
 
