@@ -1,8 +1,10 @@
 """What the vLLM glue must know per model family: the image structure tokens of the text
 query, which encoder-output rows are structure, and whether positions are M-RoPE.
 
-Everything is read from the HF config vLLM already loaded; the rows check compares encoder
-outputs with the model's own learned separator embeddings.
+Everything is read from the HF config vLLM already loaded. LLaVA-NeXT's structure rows are
+found by value (its ``image_newline`` goes into the output unchanged); Phi-3-V's by position in
+the HD layout of the image's ``image_sizes``: its separators pass through the projector with
+the patches, so their values differ from a separately projected separator in the last bits.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..core.errors import AsymVLMError
+from ..core.layouts import HD_MERGED_SIDE, HDImageLayout, hd_image_layout
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "VisionFamily", "family_for"]
 
@@ -25,8 +30,16 @@ class VisionFamily:
     uses_mrope: bool = False
     merge_size: int = 1
 
-    def structural_rows(self, model: Any, rows: Tensor) -> Tensor:
-        """(R,) bool: rows of an image's encoder output that are structure, never pruned."""
+    def structural_rows(self, model: Any, feature: Any, rows: Tensor) -> Tensor:
+        """(R,) bool: rows of an image's encoder output that are structure, never pruned.
+
+        Raises
+        ------
+        AsymVLMError
+            When the image's layout cannot be known (the request then runs unpruned).
+        """
+        if self.architecture == "Phi3VForCausalLM":
+            return _phi3v_layout(feature, rows.shape[0]).separator_mask(rows.device)
         separators = self._separators(model)
         if separators is None:
             return torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
@@ -36,15 +49,12 @@ class VisionFamily:
     def _separators(self, model: Any) -> Tensor | None:
         if self.architecture == "LlavaNextForConditionalGeneration":
             return model.image_newline.detach()
-        if self.architecture == "Phi3VForCausalLM":
-            embed = model.vision_embed_tokens
-            with torch.no_grad():
-                return torch.cat([embed.img_projection(embed.sub_GN.reshape(1, -1)),
-                                  embed.img_projection(embed.glb_GN.reshape(1, -1))])
         return None
 
     def grid_shape(self, feature: Any, num_rows: int) -> tuple[int, ...] | None:
         """Patch grid of an image's rows for position-based rankers, when it is known."""
+        if self.architecture == "Phi3VForCausalLM":
+            return None  # the HD crops' grid and the global view's grid: no single grid
         if self.uses_mrope and feature is not None and feature.data is not None:
             try:
                 t, h, w = (int(x) for x in feature.data["image_grid_thw"].data.tolist())
@@ -55,6 +65,30 @@ class VisionFamily:
             return None
         side = int(round(num_rows ** 0.5))
         return (side, side) if side * side == num_rows else None
+
+
+def _phi3v_layout(feature: Any, num_rows: int) -> HDImageLayout:
+    """The HD layout of a Phi-3-V image: from its ``image_sizes`` (the processor's padded size),
+    or, where the engine holds no image data, from its row count when only one layout has it."""
+    data = getattr(feature, "data", None)
+    try:
+        size = data["image_sizes"].data if data is not None else None
+    except (KeyError, TypeError):
+        size = None
+    if size is not None:
+        height, width = (int(x) for x in torch.as_tensor(size).reshape(-1).tolist())
+        layout = hd_image_layout(height, width)
+        if layout.num_rows != num_rows:
+            raise AsymVLMError(f"a {height} x {width} Phi-3-V image has {layout.num_rows} rows, "
+                               f"its encoder output {num_rows}")
+        return layout
+    candidates = [HDImageLayout(h, w) for h in range(1, num_rows // HD_MERGED_SIDE ** 2 + 1)
+                  for w in range(1, num_rows // (h * HD_MERGED_SIDE ** 2) + 1)
+                  if HDImageLayout(h, w).num_rows == num_rows]
+    if len(candidates) != 1:
+        raise AsymVLMError(f"the layout of a Phi-3-V image of {num_rows} rows is unknown "
+                           f"({len(candidates)} crop grids fit and the engine has no image_sizes)")
+    return candidates[0]
 
 
 def _ids(config: Any, *names: str) -> frozenset[int]:

@@ -99,7 +99,10 @@ def decide_request(
         if rows is None:
             return RequestDecision(error=f"image {index}'s encoder output is not in the encoder cache")
         rows = rows.reshape(-1, rows.shape[-1])
-        structural = family.structural_rows(model, rows)
+        try:
+            structural = family.structural_rows(model, feature, rows)
+        except (AsymVLMError, ValueError) as exc:
+            return RequestDecision(error=f"image {index}: {exc}")
         prunable = (~structural).nonzero().flatten()
         image_rows.append((mm_features[index].mm_position.offset, rows[prunable]))
         if prunable.numel() == 0:

@@ -60,6 +60,19 @@ class FamilyAdapter:
     def forward_kwargs(self, model, inputs) -> dict:
         return {}
 
+    def render(self, processor, messages, add_generation_prompt: bool) -> str:
+        """The chat template's text for ``messages`` (content: a string or a list of parts)."""
+        return processor.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def tokenise(self, processor, texts: list[str], images: list[list]):
+        """Processor batch, left-padded: ``texts[b]`` with its images ``images[b]``."""
+        processor.tokenizer.padding_side = "left"
+        return processor(text=texts, images=images if any(images) else None, return_tensors="pt", padding=True)
+
+    def heatmap_grids(self, model, inputs, features: list[Tensor]) -> list[tuple[int, int] | None]:
+        """Per image, the (h, w) patch grid that its first prunable rows tile for a heatmap."""
+        return [g if g is None or len(g) == 2 else g[1:] for g in self.grid_shapes(model, inputs, features)]
+
 
 @dataclass(frozen=True)
 class Gemma3Adapter(FamilyAdapter):
@@ -146,38 +159,88 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
 
 @dataclass(frozen=True)
 class Phi3VAdapter(FamilyAdapter):
-    """Phi-3.5-Vision (``Phi3VForCausalLM``), which transformers can only load as remote code.
+    """Phi-3.5-Vision (``Phi3VForCausalLM``, :mod:`.phi3v`).
 
-    Image placeholders are negative ids; ``vision_embed_tokens`` merges the features, whose
-    sub-image newline (``sub_GN``) and global separator (``glb_GN``) rows are structure.
-    Untested here: no offline checkpoint of this architecture can be built without its code.
+    Its chat template takes string content with ``<|image_k|>`` tags, and its (remote-code)
+    processor takes one prompt at a time and marks image ``k``'s tokens ``-k``; batches are
+    collated here with every image token written as vLLM writes it (``<|image|>``). The
+    newline (``sub_GN``) and global-separator (``glb_GN``) rows are structure, found by their
+    place in the HD layout of each image's ``image_sizes``.
     """
 
     architecture: str = "Phi3VForCausalLM"
 
     def image_token_id(self, model) -> int:
-        return -1
+        from .phi3v import IMAGE_TOKEN_ID
+
+        return IMAGE_TOKEN_ID
+
+    def render(self, processor, messages, add_generation_prompt: bool) -> str:
+        return processor.tokenizer.apply_chat_template(string_content_messages(messages),
+                                                       add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def tokenise(self, processor, texts: list[str], images: list[list]):
+        from transformers import BatchFeature
+
+        samples = [processor(text, images=list(imgs) if imgs else None, return_tensors="pt")
+                   for text, imgs in zip(texts, images)]
+        width = max(s["input_ids"].shape[-1] for s in samples)
+        pad = processor.tokenizer.pad_token_id or 0
+        ids = torch.full((len(samples), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for b, sample in enumerate(samples):  # left padding
+            row = sample["input_ids"].reshape(-1)
+            ids[b, width - row.shape[0]:] = row.masked_fill(row < 0, self.image_token_id(None))
+            mask[b, width - row.shape[0]:] = 1
+        data = {"input_ids": ids, "attention_mask": mask}
+        with_images = [s for s in samples if "pixel_values" in s]
+        if with_images:
+            data["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
+            data["image_sizes"] = torch.cat([torch.as_tensor(s["image_sizes"]).reshape(-1, 2) for s in with_images])
+        return BatchFeature(data=data)
 
     def image_features(self, model, inputs) -> list[Tensor]:
-        ids = inputs["input_ids"]
-        embed = model.model.vision_embed_tokens(ids, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
-        rows = embed[ids < 0]
-        counts = []
-        for sample in ids:
-            run = (sample < 0).int()
-            starts = ((run[1:] == 1) & (run[:-1] == 0)).nonzero().flatten().tolist()
-            bounds = ([0] if run[0] else []) + [s + 1 for s in starts]
-            ends = [int(e) + 1 for e in ((run[:-1] == 1) & (run[1:] == 0)).nonzero().flatten().tolist()]
-            if run[-1]:
-                ends.append(len(run))
-            counts += [e - s for s, e in zip(bounds, ends)]
-        return list(torch.split(rows, counts))
+        return list(model.get_image_features(inputs["pixel_values"].to(model.dtype), inputs["image_sizes"]))
+
+    def _layouts(self, inputs, features: list[Tensor]):
+        from ..core.layouts import hd_image_layout
+
+        layouts = [hd_image_layout(int(h), int(w)) for h, w in inputs["image_sizes"].tolist()]
+        for layout, f in zip(layouts, features):
+            if layout.num_rows != f.shape[0]:
+                raise RuntimeError(f"a Phi-3-V image of {layout.h_crop} x {layout.w_crop} crops has "
+                                   f"{layout.num_rows} rows, its features {f.shape[0]}")
+        return layouts
 
     def prunable_rows(self, model, inputs, features: list[Tensor]) -> list[Tensor]:
-        emb = model.model.vision_embed_tokens
-        separators = torch.stack([emb.img_projection(emb.sub_GN.reshape(1, -1)), emb.img_projection(emb.glb_GN.reshape(1, -1))])
-        separators = separators.reshape(2, -1).to(features[0].dtype)
-        return [~(f[:, None, :] == separators[None]).all(-1).any(-1) for f in features]
+        return [~layout.separator_mask(f.device) for layout, f in zip(self._layouts(inputs, features), features)]
+
+    def grid_shapes(self, model, inputs, features: list[Tensor]) -> list[tuple[int, ...] | None]:
+        return [None for _ in features]  # the HD crops' grid, then the global view's: no single grid
+
+    def heatmap_grids(self, model, inputs, features: list[Tensor]) -> list[tuple[int, int] | None]:
+        # The crops' patches (the first rows of the prunable ones) tile the HD-transformed image.
+        return [layout.sub_grid for layout in self._layouts(inputs, features)]
+
+
+def string_content_messages(messages) -> list[dict]:
+    """Chat messages with list content rendered as one string, as vLLM renders them for a
+    "string" chat template: an image part becomes ``<|image_k|>`` (numbered across the whole
+    conversation), and a message's image tags come first, then its text parts, joined by newlines."""
+    out, count = [], 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            tags, texts = [], []
+            for part in content:
+                if part.get("type") in ("image", "image_url", "image_pil"):
+                    count += 1
+                    tags.append(f"<|image_{count}|>")
+                elif part.get("type") == "text":
+                    texts.append(part.get("text", ""))
+            content = "\n".join(tags + ["\n".join(texts)])
+        out.append({**message, "content": content})
+    return out
 
 
 _ADAPTERS = {a.architecture: a for a in (Gemma3Adapter(), LlavaAdapter(), LlavaNextAdapter(), Qwen2_5_VLAdapter(), Phi3VAdapter())}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,7 +70,11 @@ class PrunedVLM:
     def from_pretrained(cls, model_dir: str | os.PathLike, config: AsymVLMConfig | VisionPruningConfig | str | None = None,
                         *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                         ranker: VisionTokenRanker | None = None) -> PrunedVLM:
-        """Load a local model directory (no hub access) with SDPA attention."""
+        """Load a local model directory (no hub access) with SDPA attention.
+
+        Phi-3.5-Vision runs on :mod:`.phi3v` (no remote model code); its processor *is* remote
+        code in the directory, so it needs ``trust_remote_code=True``.
+        """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         model_dir = Path(model_dir)
@@ -78,8 +83,19 @@ class PrunedVLM:
         if isinstance(config, (str, os.PathLike)):
             config = AsymVLMConfig.load(config)
         kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+        phi3v = "Phi3VForCausalLM" in (json.loads((model_dir / "config.json").read_text()).get("architectures") or [])
+        if phi3v and not trust_remote_code:
+            raise AsymVLMError(f"{model_dir}: Phi-3.5-Vision's processor is remote code in the model directory "
+                               "(processing_phi3_v.py); load it with trust_remote_code=True (--trust-remote-code) "
+                               "if you trust that directory")
         processor = AutoProcessor.from_pretrained(model_dir, **kwargs)
-        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        if phi3v:
+            from .phi3v import load_phi3v
+
+            model = load_phi3v(model_dir, dtype=dtype)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa",
+                                                                **kwargs)
         return cls(model.eval(), processor, config, ranker)
 
     @property
@@ -102,9 +118,8 @@ class PrunedVLM:
             if not isinstance(q, str) or not q.strip():
                 raise AsymVLMError("the question is empty; AsymVLM scores image tokens against the question's text")
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
-            texts.append(self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-        self.processor.tokenizer.padding_side = "left"
-        return self.processor(text=texts, images=[[img] for img in images], return_tensors="pt", padding=True)
+            texts.append(self.adapter.render(self.processor, msgs, add_generation_prompt=True))
+        return self.adapter.tokenise(self.processor, texts, [[img] for img in images])
 
     def image_features(self, inputs) -> list:
         """Projector outputs per image of a processor batch, list of (P_i, D): run the vision

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..core.budget import BudgetRule
 from ..core.errors import AsymVLMError
 from ..core.eviction import EvictionPolicy, MultiTurnEviction
+from .families import FamilyAdapter
 from .generation import Generation
 
 __all__ = ["ChatGeneration", "answer_token_spans", "chat", "conversation_inputs", "image_embeddings"]
@@ -90,19 +91,19 @@ def _check_conversation(messages: Sequence[dict], images: Sequence) -> None:
         raise AsymVLMError(f"the conversation has {expected} image parts but {len(images)} images were given")
 
 
-def _render(processor, messages: Sequence[dict], add_generation_prompt: bool) -> str:
-    return processor.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+def _render(processor, messages: Sequence[dict], add_generation_prompt: bool, adapter: FamilyAdapter | None) -> str:
+    return (adapter or FamilyAdapter()).render(processor, messages, add_generation_prompt)
 
 
-def _tokenise(processor, text: str, images: Sequence):
-    processor.tokenizer.padding_side = "left"
-    return processor(text=[text], images=[list(images)] if images else None, return_tensors="pt", padding=True)
+def _tokenise(processor, text: str, images: Sequence, adapter: FamilyAdapter | None):
+    return (adapter or FamilyAdapter()).tokenise(processor, [text], [list(images)])
 
 
-def conversation_inputs(processor, messages: Sequence[dict], images: Sequence):
-    """Processor batch (batch of 1) for a conversation that ends with the question to answer."""
+def conversation_inputs(processor, messages: Sequence[dict], images: Sequence, adapter: FamilyAdapter | None = None):
+    """Processor batch (batch of 1) for a conversation that ends with the question to answer
+    (``adapter``: the model family's, for families whose processor differs, e.g. Phi-3-V)."""
     _check_conversation(messages, images)
-    return _tokenise(processor, _render(processor, messages, add_generation_prompt=True), images)
+    return _tokenise(processor, _render(processor, messages, True, adapter), images, adapter)
 
 
 def _common_prefix(a: Tensor, b: Tensor) -> int:
@@ -111,7 +112,8 @@ def _common_prefix(a: Tensor, b: Tensor) -> int:
     return int(differs[0]) if differs.numel() else n
 
 
-def answer_token_spans(processor, messages: Sequence[dict], images: Sequence, input_ids: Tensor) -> list[tuple[int, int]]:
+def answer_token_spans(processor, messages: Sequence[dict], images: Sequence, input_ids: Tensor,
+                       adapter: FamilyAdapter | None = None) -> list[tuple[int, int]]:
     """Token ranges of the previous assistant answers in a processed conversation.
 
     Each answer's characters are located in the rendered chat template (between the rendering
@@ -130,20 +132,22 @@ def answer_token_spans(processor, messages: Sequence[dict], images: Sequence, in
     images : its images, in order of their image parts
     input_ids : Tensor, shape (T,)
         The processed conversation's ids (:func:`conversation_inputs`, unpadded).
+    adapter : FamilyAdapter, optional
+        The model family's (as for :func:`conversation_inputs`).
 
     Returns
     -------
     list of (start, end), one per assistant message, in order.
     """
     _check_conversation(messages, images)
-    full = _render(processor, messages, add_generation_prompt=True)
+    full = _render(processor, messages, True, adapter)
     spans, images_before = [], 0
     for m, message in enumerate(messages):
         if message["role"] != "assistant":
             images_before += _image_count(message)
             continue
-        before = _render(processor, messages[:m], add_generation_prompt=True)
-        through = _render(processor, messages[: m + 1], add_generation_prompt=False)
+        before = _render(processor, messages[:m], True, adapter)
+        through = _render(processor, messages[: m + 1], False, adapter)
         answer = _answer_text(message).strip()
         start = through.find(answer, len(before)) if through.startswith(before) else -1
         if start < 0:
@@ -152,8 +156,8 @@ def answer_token_spans(processor, messages: Sequence[dict], images: Sequence, in
         if not full.startswith(through[:end]):
             raise AsymVLMError(f"assistant message {m}: the chat template renders it differently once later turns follow")
         used = images[:images_before]
-        first = _common_prefix(input_ids, _tokenise(processor, full[:start], used)["input_ids"][0])
-        last = _common_prefix(input_ids, _tokenise(processor, full[:end], used)["input_ids"][0])
+        first = _common_prefix(input_ids, _tokenise(processor, full[:start], used, adapter)["input_ids"][0])
+        last = _common_prefix(input_ids, _tokenise(processor, full[:end], used, adapter)["input_ids"][0])
         if last <= first or (spans and first < spans[-1][1]):
             raise AsymVLMError(f"assistant message {m}: cannot locate its tokens in the processed prompt")
         spans.append((first, last))
@@ -178,9 +182,9 @@ def chat(vlm, messages: Sequence[dict], images: Sequence, max_new_tokens: int = 
          budget: BudgetRule | None = None, multi_turn: MultiTurnEviction | None = None,
          eviction: EvictionPolicy | None = None) -> ChatGeneration:
     """Answer the last user turn of a conversation (see :meth:`~.model.PrunedVLM.chat`)."""
-    inputs = conversation_inputs(vlm.processor, messages, images)
+    inputs = conversation_inputs(vlm.processor, messages, images, vlm.adapter)
     ids = inputs["input_ids"][0]
-    spans = answer_token_spans(vlm.processor, messages, images, ids)
+    spans = answer_token_spans(vlm.processor, messages, images, ids, vlm.adapter)
     dropped: list[int] = []
     drop = features = None
     if multi_turn is not None and spans:

@@ -265,10 +265,104 @@ def _build_qwen2_5_vl(out: Path, tok, dtype: torch.dtype) -> None:
     _save(out, model, proc, hf_tok, QWEN_TEMPLATE)
 
 
+# Phi-3-V's special tokens sit at the hub vocabulary's ids: vLLM's phi3v.py hard-codes 32044.
+PHI3V_VOCAB = 32064
+PHI3V_SPECIALS = {
+    0: "<unk>", 1: "<s>", 2: "</s>", 32000: "<|endoftext|>", 32001: "<|assistant|>", 32006: "<|system|>",
+    32007: "<|end|>", 32010: "<|user|>", 32044: "<|image|>",
+}
+# microsoft/Phi-3.5-vision-instruct's template: content is a string, images are "<|image_k|>" tags in it.
+PHI3V_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{- '<|assistant|>\n' -}}{% endif %}"
+)
+PHI3V_REMOTE_FILES = ("configuration_phi3_v.py", "image_processing_phi3_v.py", "processing_phi3_v.py")
+
+
+def build_phi3v_tokenizer():
+    """Byte-level BPE over the hub Phi-3 vocabulary's 32,064 ids: the specials at their hub ids,
+    every other id past the learned merges a decodable ``<unusedN>`` token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[PHI3V_SPECIALS[i] for i in range(3)],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    learned = len(vocab)
+    if learned > min(PHI3V_SPECIALS.keys() - {0, 1, 2}):
+        raise RuntimeError(f"the tiny Phi-3-V tokenizer learned {learned} ids, into the special range")
+    for i in range(learned, PHI3V_VOCAB):
+        vocab[PHI3V_SPECIALS.get(i, f"<unused{i}>")] = i
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens(list(PHI3V_SPECIALS.values()))
+    for i, name in PHI3V_SPECIALS.items():
+        if tok.token_to_id(name) != i:
+            raise RuntimeError(f"{name} got id {tok.token_to_id(name)}, not {i}")
+    return tok
+
+
+def _build_phi3_v(out: Path, tok, dtype: torch.dtype) -> None:
+    from importlib.resources import files
+
+    from safetensors.torch import save_file
+
+    from .phi3v import Phi3VForCausalLM, hub_state_dict, phi3v_text_config
+
+    tok = build_phi3v_tokenizer()
+    hf_tok = _hf_tokenizer(tok, PHI3V_TEMPLATE, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                           unk_token="<unk>")
+    raw = {
+        "architectures": ["Phi3VForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_phi3_v.Phi3VConfig"},
+        "model_type": "phi3_v",
+        "vocab_size": PHI3V_VOCAB, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 4096,
+        "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
+        "initializer_range": 0.08, "bos_token_id": 1, "eos_token_id": 32007, "pad_token_id": 32000,
+        "sliding_window": None, "tie_word_embeddings": False, "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "embd_layer": {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+                       "use_hd_transform": True, "with_learnable_separator": True},
+        # CLIP ViT-L/14-336 as in the real model, cut after its first layer (-2 in the real one: 23 layers).
+        "img_processor": {"image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
+                          "name": "clip_vision_model", "num_img_tokens": 144, "layer_idx": -24},
+    }
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM(phi3v_text_config(raw)).to(dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the separators are trained vectors in the real model, not zeros
+        for p in (model.model.vision_embed_tokens.glb_GN, model.model.vision_embed_tokens.sub_GN):
+            p.copy_(torch.randn(p.shape, generator=g).to(p.dtype))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hub_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    for name in PHI3V_REMOTE_FILES:
+        (out / name).write_text((files(__package__) / "phi3v_remote" / name).read_text())
+    hf_tok.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(PHI3V_TEMPLATE)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+                     "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor"},
+        "image_processor_type": "Phi3VImageProcessor", "processor_class": "Phi3VProcessor",
+        "num_crops": 4, "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [32007, 32001, 32000],
+                                                           "pad_token_id": 32000}))
+
+
 FAMILIES = {
     "gemma3": _build_gemma3,
     "llava": _build_llava,
     "llava_next": _build_llava_next,
+    "phi3_v": _build_phi3_v,
     "qwen2_5_vl": _build_qwen2_5_vl,
 }
 
