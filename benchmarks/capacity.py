@@ -2,9 +2,15 @@
 
 vLLM's own scheduler, KV cache manager and block pool (and, for AsymVLM, its
 :class:`~asymvlm_vllm.engine.scheduler.AsymVLMScheduler`) serve ``--requests`` Phi-3.5-V-shaped
-requests that all arrive at once: ``--image-tokens`` image placeholders between a
-``--prefix-tokens`` chat-template prefix and a question (``--text-tokens`` text in all), and
-``--output-tokens`` generated tokens each. The model runner is
+requests that all arrive at once: one image between a ``--prefix-tokens`` chat-template prefix
+and a question (``--text-tokens`` text in all), and ``--output-tokens`` generated tokens each.
+The image is Phi-3.5-V's layout of an ``--image`` of W x H pixels at ``--num-crops`` (default a
+US-letter page scan, 1700 x 2200, at the 16 crops used for documents): its token count comes
+from the tiny Phi-3.5-V's processor (``asymvlm_vllm/hf/phi3v_remote``, the real HD-transform
+arithmetic, 336-px crops of 144 tokens) and its separator rows (a newline after each row of
+patches, one global separator: 61 of 2,509 rows here) from ``core.layouts``; they are never
+pruned, so a keep ratio applies to the other rows. ``--image-tokens N`` models a generic image
+of N rows without separators instead. The model runner is
 :class:`~asymvlm_vllm.engine.simulation.SimulatedRunner` (no GPU, no weights): it samples one
 token per finished prefill or decode step and answers each probe with a keep set, either a
 fixed keep ratio (``uniform`` budget rule) or *adaptive*: the default
@@ -108,7 +114,8 @@ def run_scenario(args, num_blocks: int, asymvlm_config: dict | None) -> dict:
     sched = build_scheduler(num_blocks, args.block_size, asymvlm_config, max_num_batched_tokens=args.max_num_batched_tokens,
                             max_num_seqs=args.max_num_seqs, encoder_cache_size=args.encoder_cache_size,
                             max_model_len=args.image_tokens + args.text_tokens + args.output_tokens + 16)
-    runner = SimulatedRunner(sched, keep_ratio=None if asymvlm_config is not None else 1.0, rng_seed=args.seed)
+    runner = SimulatedRunner(sched, keep_ratio=None if asymvlm_config is not None else 1.0, rng_seed=args.seed,
+                             structural_rows=args.structural_rows)
     rng = np.random.default_rng(args.seed)
     requests = []
     for i in range(args.requests):
@@ -168,6 +175,26 @@ def run_scenario(args, num_blocks: int, asymvlm_config: dict | None) -> dict:
         "statuses": statuses,
         "wall_seconds": round(seconds, 2),
     }
+
+
+def phi3v_image(width: int, height: int, num_crops: int) -> tuple[int, list[int]]:
+    """Rows of a W x H image in Phi-3.5-V's prompt, and which of them are separators: the token
+    count from the tiny model's processor, the separators from the HD layout."""
+    import importlib.util
+
+    from asymvlm_vllm.core.layouts import hd_image_layout
+
+    path = Path(__file__).resolve().parents[1] / "asymvlm_vllm" / "hf" / "phi3v_remote" / "image_processing_phi3_v.py"
+    spec = importlib.util.spec_from_file_location("phi3v_image_processing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    processor = module.Phi3VImageProcessor(num_crops=num_crops)
+    tokens = processor.calc_num_image_tokens_from_image_size(width, height)
+    hd_width, hd_height = module.calc_hd_transform_size(width, height, hd_num=num_crops)
+    layout = hd_image_layout(hd_height, hd_width)
+    if layout.num_rows != tokens:
+        raise AssertionError(f"the processor gives {tokens} tokens, the HD layout {layout.num_rows} rows")
+    return tokens, layout.separator_mask().nonzero().flatten().tolist()
 
 
 def _environment() -> dict:
@@ -249,7 +276,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="vqa: Phi-3.5-V-shaped prompts, vision pruning; decode: Gemma-3-27B-shaped long "
                              "answers, text eviction (defaults below change to 256 image / 40 text / 512 out)")
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--image-tokens", type=int, default=2300)
+    parser.add_argument("--image", default="1700x2200", metavar="WxH",
+                        help="vqa: the Phi-3.5-V image size whose layout the requests carry (default 1700x2200)")
+    parser.add_argument("--num-crops", type=int, default=16, help="vqa: Phi-3.5-V's num_crops (default 16)")
+    parser.add_argument("--image-tokens", type=int, default=None,
+                        help="a generic image of this many rows, no separators (decode default: 256)")
     parser.add_argument("--text-tokens", type=int, default=36, help="text tokens in the prompt (prefix included)")
     parser.add_argument("--prefix-tokens", type=int, default=4, help="text tokens before the image")
     parser.add_argument("--output-tokens", type=int, default=10)
@@ -267,6 +298,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--png", type=Path, default=RESULTS / "capacity.png")
     args = parser.parse_args(argv)
     scenarios = SCENARIOS
+    args.structural_rows, args.separators = None, 0
+    if args.workload == "vqa" and args.image_tokens is None:
+        width, height = (int(x) for x in args.image.lower().split("x"))
+        args.image_tokens, separators = phi3v_image(width, height, args.num_crops)
+        args.separators = len(separators)
+        args.structural_rows = lambda num_rows, rows=tuple(separators): rows if num_rows == args.image_tokens else ()
     if args.workload == "decode":
         given = set(argv if argv is not None else sys.argv[1:])
         for flag, value in (("--image-tokens", 256), ("--text-tokens", 40), ("--output-tokens", 512),
@@ -287,7 +324,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     env = _environment()
     common = {**env, "requests": args.requests, "num_blocks": num_blocks, "block_size": args.block_size,
-              "image_tokens": args.image_tokens, "text_tokens": args.text_tokens, "output_tokens": args.output_tokens,
+              "image_tokens": args.image_tokens, "separator_rows": args.separators,
+              "image": args.image if args.structural_rows is not None else None,
+              "num_crops": args.num_crops if args.structural_rows is not None else None,
+              "text_tokens": args.text_tokens, "output_tokens": args.output_tokens,
               "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs,
               "encoder_cache_size": args.encoder_cache_size or args.max_num_batched_tokens, "quick": args.quick,
               "workload": args.workload, "eviction_budget": EVICTION_BUDGET if args.workload == "decode" else None}

@@ -314,6 +314,9 @@ class SimulatedRunner:
         so decisions do not depend on the order in which requests happen to be probed.
     check_encoder_cache : bool
         Model the runner's encoder cache and raise on misses (see above).
+    structural_rows : callable or None
+        ``num_rows -> row indices`` of an image's structure rows (Phi-3-V's separators), always
+        kept, as the real runner keeps them; the keep ratio applies to the other rows.
 
     Attributes
     ----------
@@ -327,7 +330,8 @@ class SimulatedRunner:
 
     def __init__(self, scheduler, keep_ratio: KeepRatio = None, gap_model: Callable[[np.random.Generator], float] = paper_gap,
                  min_keep: int | None = None, error_rate: float = 0.0, missing_rate: float = 0.0, rng_seed: int = 0,
-                 check_encoder_cache: bool = True) -> None:
+                 check_encoder_cache: bool = True,
+                 structural_rows: Callable[[int], Sequence[int]] | None = None) -> None:
         if isinstance(keep_ratio, (int, float)) and not 0.0 < float(keep_ratio) <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
         self.scheduler = scheduler
@@ -338,6 +342,7 @@ class SimulatedRunner:
         self.missing_rate = missing_rate
         self.rng_seed = rng_seed
         self.check_encoder_cache = check_encoder_cache
+        self.structural_rows = structural_rows
         self.decisions: dict[str, RequestDecision] = {}
         self.num_steps = 0
         self.encoder_cache: dict[str, int] = {}
@@ -373,9 +378,12 @@ class SimulatedRunner:
                 ratio = float(self.keep_ratio(request, index, gap))
             else:
                 ratio = float(self.keep_ratio)
-            k = num_tokens_to_keep(num_rows, ratio, min(min_keep, num_rows))
-            rows = sorted(rng.choice(num_rows, size=k, replace=False).tolist()) if k < num_rows else list(range(num_rows))
-            images.append(ImageDecision(feature=index, num_rows=num_rows, num_prunable=num_rows, keep_rows=rows,
+            structure = set(self.structural_rows(num_rows)) if self.structural_rows is not None else set()
+            prunable = np.array([r for r in range(num_rows) if r not in structure], dtype=np.int64)
+            k = num_tokens_to_keep(len(prunable), ratio, min(min_keep, len(prunable))) if len(prunable) else 0
+            chosen = rng.choice(prunable, size=k, replace=False).tolist() if k < len(prunable) else prunable.tolist()
+            rows = sorted(structure | set(chosen))
+            images.append(ImageDecision(feature=index, num_rows=num_rows, num_prunable=len(prunable), keep_rows=rows,
                                         gap=gap, budget_ratio=ratio))
         return RequestDecision(images=images)
 

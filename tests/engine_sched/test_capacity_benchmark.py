@@ -42,6 +42,18 @@ def test_quick_run_writes_ratios(tmp_path):
     assert 0.45 < half["prefill_flops_ratio"] < 0.55
     assert half["statuses"] == {"pruned": half["requests"]} and plain["statuses"] == {"plain": plain["requests"]}
     assert png.stat().st_size > 1000
+    # A 1700 x 2200 page at 16 crops: 4 x 4 crops, (16 + 1)·144 + 1 + 5·12 = 2,509 rows, of which
+    # 48 + 12 newlines and the global separator are never pruned; half of the other 2,448 are kept.
+    assert plain["image_tokens"] == 2509 and plain["separator_rows"] == 61
+    assert plain["vision_tokens_kept_mean"] == 2509 and half["vision_tokens_kept_mean"] == 61 + 1224
+
+
+def test_phi35_images_carry_the_separators_of_their_real_layout():
+    bench = load_benchmark()
+    tokens, separators = bench.phi3v_image(128, 64, 4)  # 2:1 -> 1 x 2 crops, 12 + 1 + 12 separators
+    assert tokens == 457 and len(separators) == 25
+    assert separators[:2] == [24, 49] and separators[11] == 12 * 25 - 1 and separators[12] == 300
+    assert separators[-1] == 456
 
 
 def test_decode_heavy_quick_run_shows_what_eviction_is_for(tmp_path):
