@@ -309,8 +309,12 @@ def save_importance_heatmap(image: Image.Image, scores, kept, path: str | os.Pat
     draw.rectangle([mask_x0, bar_y, mask_x0 + 10, bar_y + 10], fill=(255, 255, 255), outline=AXIS_COLOR)
     draw.text((mask_x0 + 14, bar_y - 2), "kept", fill=AXIS_COLOR, font=small)
     dark = int(255 * DROPPED_BRIGHTNESS)
-    draw.rectangle([mask_x0 + 60, bar_y, mask_x0 + 70, bar_y + 10], fill=(dark, dark, dark), outline=AXIS_COLOR)
-    draw.text((mask_x0 + 74, bar_y - 2), "dropped (darkened)", fill=AXIS_COLOR, font=small)
+    dropped_label = "dropped (darkened)"
+    x, y = mask_x0 + 60, bar_y
+    if x + 14 + _text_width(draw, dropped_label, small) > width:  # a narrow (tall) picture: on the next line
+        x, y = mask_x0, bar_y + 14
+    draw.rectangle([x, y, x + 10, y + 10], fill=(dark, dark, dark), outline=AXIS_COLOR)
+    draw.text((x + 14, y - 2), dropped_label, fill=AXIS_COLOR, font=small)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,3 +44,35 @@ def test_usage_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "train-scorer", "calibrate"])
+def test_remote_code_is_off_unless_the_user_turns_it_on(command):
+    from asymvlm_vllm.cli import build_parser
+
+    required = {"demo": [], "train-scorer": ["--model", "m", "--data", "d", "-o", "o"],
+                "calibrate": ["--model", "m", "--data", "d", "--target-keep-ratio", "0.5"]}[command]
+    parser = build_parser()
+    assert parser.parse_args([command, *required]).trust_remote_code is False
+    assert parser.parse_args([command, *required, "--trust-remote-code"]).trust_remote_code is True
+
+
+@pytest.mark.parametrize("command", ["demo", "train-scorer", "calibrate"])
+def test_a_remote_code_model_without_the_flag_says_which_flag_runs_it(command, tiny_model_dirs, tmp_path, capsys):
+    """The tiny Phi-3.5-Vision's processor is code in its directory: refused, exit 2, no output."""
+    import json
+
+    from PIL import Image
+
+    Image.new("RGB", (128, 64), "white").save(tmp_path / "img.png")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "img.png", "question": "What?", "answer": "a"}) + "\n")
+    model = str(tiny_model_dirs("phi3_v"))
+    argv = {"demo": ["--output-dir", str(tmp_path / "out")],
+            "train-scorer": ["--data", str(tmp_path / "data.jsonl"), "-o", str(tmp_path / "out" / "w.safetensors")],
+            "calibrate": ["--data", str(tmp_path / "data.jsonl"), "--target-keep-ratio", "0.5",
+                          "-o", str(tmp_path / "out" / "c.yaml")]}[command]
+    assert main([command, "--model", model, *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("asymvlm: error: ")
+    assert "remote code" in captured.err and "--trust-remote-code" in captured.err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -57,6 +57,9 @@ def add_parser(commands) -> None:
     parser.add_argument("-o", "--output", help="write a calibrated YAML config here")
     parser.add_argument("--histogram", help="write a PNG histogram of the gaps (with the chosen thresholds) here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample draw when the data has more than --samples")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the processor code shipped in the --model directory (Phi-3.5-Vision needs it); "
+                             "off by default: pass it only for a directory you trust")
     parser.set_defaults(run=run)
 
 
@@ -136,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if str(device).startswith("cuda") else "float32")
     vision = VisionPruningConfig(budget=UniformBudget(1.0), scorer=args.scorer, min_keep=args.min_keep)
-    vlm = PrunedVLM.from_pretrained(args.model, vision, dtype=getattr(torch, dtype_name))
+    vlm = PrunedVLM.from_pretrained(args.model, vision, dtype=getattr(torch, dtype_name),
+                                    trust_remote_code=args.trust_remote_code)
     vlm.model.to(device)
     architecture = type(vlm.model).__name__
     if scorer is not None and scorer.metadata.architecture != architecture:

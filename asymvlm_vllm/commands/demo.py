@@ -35,6 +35,9 @@ def add_parser(commands) -> None:
                         help="prefill timings per prompt; the medians are compared (default: 5)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="weights dtype on the CPU (default: float32)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the processor code shipped in the --model directory (Phi-3.5-Vision needs it); "
+                             "off by default: pass it only for a directory you trust")
     parser.set_defaults(run=run)
 
 
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_demo(
         model_dir=args.model, image=args.image, question=args.question, config=args.config,
         keep_ratio=args.keep_ratio, output_dir=args.output_dir, max_new_tokens=args.max_new_tokens,
-        repetitions=args.repeats, dtype=args.dtype,
+        repetitions=args.repeats, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
     )
     print(format_report(report))
     return 0

@@ -54,6 +54,9 @@ def add_parser(commands) -> None:
                    help="held-out samples drawn from --heldout (default 200)")
     p.add_argument("--eval-samples", type=integer_at_least(1), default=64,
                    help="training samples the loss before/after is measured on (default 64)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the processor code shipped in the --model directory (Phi-3.5-Vision needs it); "
+                        "off by default: pass it only for a directory you trust")
     p.set_defaults(run=run)
 
 
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device(device)
     except RuntimeError as exc:
         raise AsymVLMError(f"--device: {exc}") from None
-    vlm = PrunedVLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    vlm = PrunedVLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code)
     vlm.model.to(device)
     print(f"model {type(vlm.model).__name__} (hidden size {vlm.hidden_size}) on {device}, {args.dtype}")
     print(f"{len(samples)} training samples from {args.data}; {settings.epochs} epoch(s) of {len(samples)} steps "

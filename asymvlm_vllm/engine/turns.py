@@ -24,7 +24,7 @@ logger = logging.getLogger("vllm.asymvlm")
 def model_turn_markers(model_config: Any) -> tuple[TurnMarkers, Callable[[int], bool]] | None:
     """(markers, is_blank) for the served model, or None (logged) when they cannot be learned."""
     try:
-        from vllm.renderers.hf import resolve_chat_template
+        from vllm.renderers.hf import resolve_chat_template, resolve_chat_template_content_format
         from vllm.tokenizers import cached_tokenizer_from_config
 
         tokenizer = cached_tokenizer_from_config(model_config)
@@ -34,7 +34,14 @@ def model_turn_markers(model_config: Any) -> tuple[TurnMarkers, Callable[[int], 
         if template is None:
             raise ValueError("the model has no chat template")
 
+        # A "string" template (Phi-3.5-V's) takes each message's text as one string, as vLLM's
+        # front end then renders it.
+        string_content = resolve_chat_template_content_format(template, None, "auto", tokenizer,
+                                                              model_config=model_config) == "string"
+
         def render(messages: list[dict], add_generation_prompt: bool) -> str:
+            if string_content:
+                messages = [{**m, "content": "\n".join(p["text"] for p in m["content"])} for m in messages]
             return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt)
 

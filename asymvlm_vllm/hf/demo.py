@@ -26,7 +26,7 @@ from ..core.config import AsymVLMConfig, VisionPruningConfig, list_presets
 from ..core.errors import AsymVLMError
 from ..core.flops import prefill_flops
 from ..envs import cache_dir
-from .families import SUPPORTED_ARCHITECTURES
+from .families import SUPPORTED_ARCHITECTURES, HeatmapLayout
 from .model import PrunedVLM, load_image
 from .pruning import ImageDecision, PrunedPrompt
 
@@ -39,8 +39,9 @@ TINY_FAMILY = "llava"
 TINY_ARCHITECTURE = "LlavaForConditionalGeneration"
 COMPLETE_MARKER = "asymvlm-complete.json"
 SAMPLE_IMAGE = "<bundled sample.png>"
-# Remote-code architectures cannot load here: the demo never sets trust_remote_code.
-_REMOTE_CODE_ONLY = frozenset({"Phi3VForCausalLM"})
+# Architectures whose model directory carries remote (processor) code: they load only when
+# the user passes --trust-remote-code; the demo never turns it on by itself.
+_NEEDS_REMOTE_CODE = frozenset({"Phi3VForCausalLM"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -166,7 +167,7 @@ def _sample_image():
             return img.convert("RGB")
 
 
-def _architecture(model_dir: Path) -> str:
+def _architecture(model_dir: Path, trust_remote_code: bool = False) -> str:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise AsymVLMError(f"{model_dir} is not a model directory (no config.json)")
@@ -174,10 +175,13 @@ def _architecture(model_dir: Path) -> str:
         architectures = json.loads(config_file.read_text()).get("architectures") or []
     except (OSError, ValueError) as exc:
         raise AsymVLMError(f"cannot read {config_file}: {exc}") from None
-    supported = sorted(set(SUPPORTED_ARCHITECTURES) - _REMOTE_CODE_ONLY)
+    supported = sorted(SUPPORTED_ARCHITECTURES)
     if not architectures or architectures[0] not in supported:
         found = architectures[0] if architectures else "no architectures entry"
         raise AsymVLMError(f"{config_file}: {found} is not supported by asymvlm demo; supported: {', '.join(supported)}")
+    if architectures[0] in _NEEDS_REMOTE_CODE and not trust_remote_code:
+        raise AsymVLMError(f"{model_dir}: {architectures[0]}'s processor is remote code in the model directory; "
+                           "pass --trust-remote-code to run it, if you trust that directory")
     return architectures[0]
 
 
@@ -248,17 +252,19 @@ def _median_prefill_seconds(model, unpruned: PrunedPrompt, pruned: PrunedPrompt,
     return statistics.median(times["unpruned"]), statistics.median(times["pruned"])
 
 
-def _image_grids(decision: ImageDecision) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(h, w) scores and kept mask of an image, or None when its tokens form no single grid."""
-    grid = decision.grid_shape
-    if grid is None or math.prod(grid) != decision.decision.num_tokens:
+def _image_grids(decision: ImageDecision, layout: HeatmapLayout | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(h, w) scores and kept mask of the image's rows that ``layout`` draws, or None when its
+    tokens form no grid."""
+    if layout is None or not 2 <= len(layout.grid) <= 3:
         return None
-    scores = decision.scores.float().cpu().reshape(grid)
-    kept = decision.kept_prunable.reshape(grid)
+    grid = layout.grid
+    drawn = math.prod(grid)
+    if drawn > decision.decision.num_tokens or (layout.undrawn is None and drawn != decision.decision.num_tokens):
+        return None
+    scores = decision.scores.float().cpu()[:drawn].reshape(grid)
+    kept = decision.kept_prunable[:drawn].reshape(grid)
     if len(grid) == 3:  # (t, h, w): average over time for the picture
         scores, kept = scores.mean(0), kept.any(0)
-    if scores.ndim != 2:
-        return None
     return scores, kept
 
 
@@ -272,6 +278,7 @@ def run_demo(
     max_new_tokens: int = 24,
     repetitions: int = 5,
     dtype: str = "float32",
+    trust_remote_code: bool = False,
 ) -> DemoReport:
     """Prune one image prompt, generate, measure, and write the figures and a JSON report.
 
@@ -287,6 +294,8 @@ def run_demo(
     max_new_tokens : greedy decoding length limit
     repetitions : prefill timings per prompt; the medians are reported
     dtype : ``float32``, ``bfloat16`` or ``float16`` weights (the demo runs on CPU)
+    trust_remote_code : run the processor code shipped in ``model_dir`` (Phi-3.5-Vision needs it);
+        off unless the user turns it on
 
     Returns
     -------
@@ -310,10 +319,10 @@ def run_demo(
 
     tiny = model_dir is None
     # Every input is checked before the tiny model is built or a checkpoint is loaded.
-    architecture = TINY_ARCHITECTURE if tiny else _architecture(Path(model_dir))
+    architecture = TINY_ARCHITECTURE if tiny else _architecture(Path(model_dir), trust_remote_code)
     vision, config_source = _resolve_config(config, keep_ratio, architecture, tiny)
     model_path, built = ensure_tiny_model() if tiny else (Path(model_dir), False)
-    vlm = PrunedVLM.from_pretrained(model_path, vision, dtype=_DTYPES[dtype])
+    vlm = PrunedVLM.from_pretrained(model_path, vision, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
 
     inputs = vlm.process([picture], [question])
     features = vlm.image_features(inputs)  # one vision-tower pass for both prompts
@@ -365,13 +374,22 @@ def run_demo(
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    grids = _image_grids(decisions[0]) if len(decisions) == 1 else None
+    layout = vlm.adapter.heatmap_layouts(vlm.model, inputs, features)[0] if len(decisions) == 1 else None
+    grids = _image_grids(decisions[0], layout) if layout is not None else None
     if grids is None:
         report.notes.append(f"no heatmap: {architecture} image tokens form no single patch grid")
     else:
         scores, kept = grids
-        report.heatmap_path = str(save_importance_heatmap(picture, scores, kept, out / "heatmap.png"))
-        report.mask_path = str(save_keep_mask(kept, out / "mask.png", image=picture))
+        drawn_picture = vlm.adapter.heatmap_picture(picture, layout)
+        if layout.canvas is not None:  # the grid tiles the resized and padded picture
+            report.notes.append(f"heatmap: the {scores.shape[0]} x {scores.shape[1]} patch grid of the "
+                                f"{layout.canvas[1]} x {layout.canvas[0]} px image the processor made of the "
+                                "picture (resized, then padded with white to whole crops), drawn over that image")
+        report.heatmap_path = str(save_importance_heatmap(drawn_picture, scores, kept, out / "heatmap.png"))
+        report.mask_path = str(save_keep_mask(kept, out / "mask.png", image=drawn_picture))
+        if layout.undrawn is not None:
+            rest = decisions[0].kept_prunable[math.prod(layout.grid):]
+            report.notes.append(f"not in the heatmap: {layout.undrawn}; {int(rest.sum())} of {rest.numel()} kept")
     json_path = out / "report.json"
     report.json_path = str(json_path)
     json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")

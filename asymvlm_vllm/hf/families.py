@@ -12,13 +12,35 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FamilyAdapter", "SUPPORTED_ARCHITECTURES", "adapter_for"]
+__all__ = ["FamilyAdapter", "HeatmapLayout", "SUPPORTED_ARCHITECTURES", "adapter_for"]
 
 
 def _features_per_image(features) -> list[Tensor]:
     if isinstance(features, Tensor):
         features = features.reshape(-1, *features.shape[-2:]) if features.ndim == 3 else [features]
     return [f.reshape(-1, f.shape[-1]) for f in features]
+
+
+@dataclass(frozen=True)
+class HeatmapLayout:
+    """How one image's prunable rows are drawn over its picture.
+
+    Attributes
+    ----------
+    grid : tuple of int
+        (h, w), or (t, h, w) averaged over t: the first ``prod(grid)`` prunable rows tile it
+        row-major; rows past them are not drawn.
+    canvas : (height, width) or None
+        The pixel size of the image the grid tiles when the processor resized the picture and
+        padded it (Phi-3-V's HD transform, see :func:`.phi3v.hd_transformed_picture`); None
+        when the grid tiles the picture itself.
+    undrawn : str or None
+        What the rows past the grid are, for the demo's note.
+    """
+
+    grid: tuple[int, ...]
+    canvas: tuple[int, int] | None = None
+    undrawn: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,9 +91,16 @@ class FamilyAdapter:
         processor.tokenizer.padding_side = "left"
         return processor(text=texts, images=images if any(images) else None, return_tensors="pt", padding=True)
 
-    def heatmap_grids(self, model, inputs, features: list[Tensor]) -> list[tuple[int, int] | None]:
-        """Per image, the (h, w) patch grid that its first prunable rows tile for a heatmap."""
-        return [g if g is None or len(g) == 2 else g[1:] for g in self.grid_shapes(model, inputs, features)]
+    def heatmap_layouts(self, model, inputs, features: list[Tensor]) -> list[HeatmapLayout | None]:
+        """Per image, how its prunable rows are drawn over the picture (None: they form no grid)."""
+        return [HeatmapLayout(tuple(g)) if g is not None else None for g in self.grid_shapes(model, inputs, features)]
+
+    def heatmap_picture(self, picture, layout: HeatmapLayout):
+        """The picture a heatmap of ``layout`` is drawn over: ``picture`` as the processor laid it
+        out on ``layout.canvas`` (the picture itself when the canvas is None)."""
+        if layout.canvas is not None:
+            raise NotImplementedError(f"{type(self).__name__} gives a canvas but does not lay pictures out on it")
+        return picture
 
 
 @dataclass(frozen=True)
@@ -218,9 +247,21 @@ class Phi3VAdapter(FamilyAdapter):
     def grid_shapes(self, model, inputs, features: list[Tensor]) -> list[tuple[int, ...] | None]:
         return [None for _ in features]  # the HD crops' grid, then the global view's: no single grid
 
-    def heatmap_grids(self, model, inputs, features: list[Tensor]) -> list[tuple[int, int] | None]:
-        # The crops' patches (the first rows of the prunable ones) tile the HD-transformed image.
-        return [layout.sub_grid for layout in self._layouts(inputs, features)]
+    def heatmap_layouts(self, model, inputs, features: list[Tensor]) -> list[HeatmapLayout | None]:
+        # The crops' patches (the first of the prunable rows) tile the HD-transformed image; the
+        # global view's 12 x 12 patches that follow cover the whole image again, coarser.
+        from ..core.layouts import HD_MERGED_SIDE
+
+        side = HD_MERGED_SIDE
+        return [HeatmapLayout(layout.sub_grid, canvas=(int(h), int(w)),
+                              undrawn=f"the global view's {side * side} tokens ({side} x {side} patches of the whole "
+                                      "image, downscaled to 336 px)")
+                for layout, (h, w) in zip(self._layouts(inputs, features), inputs["image_sizes"].tolist())]
+
+    def heatmap_picture(self, picture, layout: HeatmapLayout):
+        from .phi3v import hd_transformed_picture
+
+        return hd_transformed_picture(picture, *layout.canvas)
 
 
 def string_content_messages(messages) -> list[dict]:

@@ -29,7 +29,8 @@ from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedMode
 from ..core.errors import AsymVLMError
 from ..core.layouts import HD_CROP_PX, HD_MERGED_SIDE, hd_image_layout
 
-__all__ = ["IMAGE_TOKEN_ID", "Phi3VForCausalLM", "clip_vit_l_336_config", "hub_state_dict", "load_phi3v", "phi3v_text_config"]
+__all__ = ["IMAGE_TOKEN_ID", "Phi3VForCausalLM", "clip_vit_l_336_config", "hd_transformed_picture", "hub_name",
+           "hub_state_dict", "load_phi3v", "phi3v_text_config"]
 
 IMAGE_TOKEN_ID = 32044  # "<|image|>": the id vLLM's phi3v.py writes for every image token
 CLIP_LAYERS = 24
@@ -190,32 +191,80 @@ class Phi3VForCausalLM(Phi3PreTrainedModel, GenerationMixin):
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
 
+def hd_transformed_picture(picture, height: int, width: int):
+    """``picture`` as the HD transform lays it out on its ``height`` x ``width`` pixel canvas
+    (the processor's ``image_sizes``): resized, keeping its aspect ratio, so its longer side
+    fills the canvas, then padded with white equally before and after on the shorter side
+    (the odd pixel after). The HD crops tile this image in 336-px squares.
+
+    Parameters
+    ----------
+    picture : PIL.Image
+    height, width : int
+        The HD-transformed size, multiples of 336.
+
+    Returns
+    -------
+    PIL.Image, RGB, ``width`` x ``height``.
+    """
+    from PIL import Image
+
+    hd_image_layout(height, width)  # checks the canvas is whole crops
+    # As the processor does: work on the wide orientation (a tall picture is transposed, and
+    # the result transposed back), resize so the width fills the canvas, pad the height.
+    tall = picture.size[0] < picture.size[1]
+    wide = picture.convert("RGB")
+    wide = wide.transpose(Image.TRANSPOSE) if tall else wide
+    canvas_w, canvas_h = (height, width) if tall else (width, height)
+    pw, ph = wide.size
+    resized_h = int(canvas_w / (pw / ph))
+    if resized_h > canvas_h:
+        raise AsymVLMError(f"a {picture.size[0]} x {picture.size[1]} picture does not fit the HD canvas "
+                           f"{width} x {height}")
+    canvas = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
+    canvas.paste(wide.resize((canvas_w, resized_h), Image.BILINEAR), (0, (canvas_h - resized_h) // 2))
+    canvas = canvas.transpose(Image.TRANSPOSE) if tall else canvas
+    return canvas
+
+
 # checkpoint name -> module name: the language model sits one level deeper here, and
 # transformers 5's CLIPVisionModel has no ``vision_model`` level of its own.
 KEY_MAPPING = {r"^model\.(embed_tokens|layers|norm)\.": r"model.language_model.\1.",
                r"\.img_processor\.vision_model\.": ".img_processor."}
 
 
+def hub_name(key: str) -> str:
+    """The hub checkpoint's name of the module weight ``key`` (the inverse of :data:`KEY_MAPPING`)."""
+    key = key.replace("model.language_model.", "model.", 1)
+    if ".img_processor." in key and ".img_processor.vision_model." not in key:
+        key = key.replace(".img_processor.", ".img_processor.vision_model.", 1)
+    return key
+
+
 def hub_state_dict(model: Phi3VForCausalLM) -> dict[str, Tensor]:
     """The model's weights under the hub checkpoint's names (what vLLM's loader expects)."""
-    state = {}
-    for key, value in model.state_dict().items():
-        key = key.replace("model.language_model.", "model.", 1)
-        if ".img_processor." in key and ".img_processor.vision_model." not in key:
-            key = key.replace(".img_processor.", ".img_processor.vision_model.", 1)
-        state[key] = value.contiguous()
-    return state
+    return {hub_name(key): value.contiguous() for key, value in model.state_dict().items()}
 
 
 def load_phi3v(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
                attn_implementation: str = "sdpa") -> Phi3VForCausalLM:
     """Load a local Phi-3-V directory (its ``config.json`` and safetensors) without remote code."""
     model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise AsymVLMError(f"{model_dir} is not a model directory (no config.json)")
     raw = json.loads((model_dir / "config.json").read_text())
     if "Phi3VForCausalLM" not in (raw.get("architectures") or []):
         raise AsymVLMError(f"{model_dir} is not a Phi-3-V checkpoint (architectures: {raw.get('architectures')})")
     if not any(model_dir.glob("*.safetensors")):
         raise AsymVLMError(f"{model_dir} has no safetensors weights; AsymVLM never loads pickled checkpoints")
-    return Phi3VForCausalLM.from_pretrained(model_dir, config=phi3v_text_config(raw), key_mapping=KEY_MAPPING,
-                                            dtype=dtype, attn_implementation=attn_implementation,
-                                            local_files_only=True, use_safetensors=True)
+    model, info = Phi3VForCausalLM.from_pretrained(model_dir, config=phi3v_text_config(raw), key_mapping=KEY_MAPPING,
+                                                   dtype=dtype, attn_implementation=attn_implementation,
+                                                   local_files_only=True, use_safetensors=True,
+                                                   output_loading_info=True)
+    # transformers would leave a weight the checkpoint lacks uninitialised (the separators have
+    # no init rule): a checkpoint under other names must fail here, not answer with garbage.
+    missing = sorted(hub_name(key) for key in info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise AsymVLMError(f"{model_dir}: the checkpoint lacks {len(missing)} weight(s) of Phi3VForCausalLM: {shown}")
+    return model

@@ -20,15 +20,16 @@ if "vllm" in sys.modules:  # the env below may then come too late (e.g. a resolv
 # Before anything can import vllm: importing helpers sets the env (setdefault), puts the shim on
 # sys.path and registers it (belt and braces: vLLM also loads it through its entry point).
 from .helpers import (  # noqa: F401  (re-exported: ``from tests.engine.conftest import make_llm``)
-    block_pool, chat_messages, configure_cpu_engine_env, engine_core, engine_image, free_llm, generated_tokens,
-    greedy_params, make_llm, model_runner, num_free_blocks, scheduler, subprocess_env,
+    block_pool, chat_messages, configure_cpu_engine_env, engine_core, engine_image, family_engine_args, free_llm,
+    generated_tokens, greedy_params, make_llm, model_runner, num_free_blocks, scheduler, subprocess_env,
+    trusts_remote_code,
 )
 
 configure_cpu_engine_env()  # already done by the import; explicit for the reader
 
 import pytest  # noqa: E402
 
-ENGINE_FAMILIES = ("gemma3", "llava", "llava_next", "qwen2_5_vl")
+ENGINE_FAMILIES = ("gemma3", "llava", "llava_next", "phi3_v", "qwen2_5_vl")
 
 _HERE = Path(__file__).resolve().parent
 
@@ -43,7 +44,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def engine_models(tmp_path_factory):
     """A function ``family -> model dir``: the tiny checkpoint of ``family`` (one of
-    ``ENGINE_FAMILIES``), built at most once per session (about a second each)."""
+    ``ENGINE_FAMILIES``), built at most once per session (about a second each; Phi-3-V, with its
+    one-layer CLIP ViT-L/14-336, about ten)."""
     from asymvlm_vllm.hf.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("engine-tiny-vlms")
@@ -59,14 +61,16 @@ def engine_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_models(engine_models):
-    """family -> a ``PrunedVLM`` (transformers, float32, SDPA) of the same tiny checkpoint."""
+    """family -> a ``PrunedVLM`` (transformers, float32, SDPA) of the same tiny checkpoint (Phi-3-V's
+    with ``trust_remote_code=True`` for its processor, see ``FAMILY_ENGINE_ARGS``)."""
     from asymvlm_vllm.hf import PrunedVLM
 
     cache: dict = {}
 
     def get(family: str):
         if family not in cache:
-            cache[family] = PrunedVLM.from_pretrained(engine_models(family))
+            cache[family] = PrunedVLM.from_pretrained(engine_models(family),
+                                                      trust_remote_code=trusts_remote_code(family))
         return cache[family]
 
     yield get

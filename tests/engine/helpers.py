@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "ENGINE_ENV", "EnginePool", "SHIM_DIR", "block_pool", "chat_messages", "configure_cpu_engine_env", "engine_core",
-    "engine_image", "free_llm", "free_llms", "generated_tokens", "greedy_params", "make_llm", "make_plugin_llm",
-    "model_runner", "num_free_blocks", "recorded_decisions", "scheduler", "subprocess_env",
+    "ENGINE_ENV", "EnginePool", "FAMILY_ENGINE_ARGS", "SHIM_DIR", "block_pool", "chat_messages", "chat_prompt",
+    "configure_cpu_engine_env", "engine_core", "engine_image", "family_engine_args", "free_llm", "free_llms",
+    "generated_tokens", "greedy_params", "make_llm", "make_plugin_llm", "model_runner", "num_free_blocks",
+    "recorded_decisions", "scheduler", "subprocess_env", "trusts_remote_code",
 ]
 
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
@@ -79,6 +80,24 @@ _TORCH_SET_NUM_THREADS = torch.set_num_threads  # vLLM's CPU worker monkey-patch
 
 
 # ---------------------------------------------------------------- engine construction
+
+# What a family's tiny checkpoint needs beyond :func:`make_llm`'s defaults. Phi-3.5-Vision's
+# directory carries its processor as remote code, so the tests (the user here) opt in with
+# ``trust_remote_code``; an image is 457-757 tokens (1 x 2 to 2 x 2 HD crops), hence the longer
+# context and prefill step.
+FAMILY_ENGINE_ARGS: dict[str, dict] = {
+    "phi3_v": dict(trust_remote_code=True, max_model_len=2048, max_num_batched_tokens=2048),
+}
+
+
+def family_engine_args(family: str) -> dict:
+    """:data:`FAMILY_ENGINE_ARGS` of ``family`` (a copy; empty for most families)."""
+    return dict(FAMILY_ENGINE_ARGS.get(family, {}))
+
+
+def trusts_remote_code(family: str) -> bool:
+    """Whether the tests load ``family``'s tiny checkpoint with ``trust_remote_code=True``."""
+    return bool(FAMILY_ENGINE_ARGS.get(family, {}).get("trust_remote_code", False))
 
 
 def make_llm(model_dir, **overrides):
@@ -170,10 +189,12 @@ class EnginePool:
         self.processors: dict = {}
 
     def build(self, key, family: str, config, kv_cache_bytes: int, **overrides):
-        """The engine ``key`` (:func:`make_plugin_llm` of ``family`` with ``config``)."""
+        """The engine ``key`` (:func:`make_plugin_llm` of ``family`` with ``config``, the family's
+        :data:`FAMILY_ENGINE_ARGS` and ``overrides``, which win)."""
         if key not in self.llms:
+            kwargs = {**family_engine_args(family), **overrides}
             self.llms[key] = make_plugin_llm(self.model_dirs(family), config, self.monkeypatch, kv_cache_bytes,
-                                             **overrides)
+                                             **kwargs)
         return self.llms[key]
 
     def processor(self, family: str):
@@ -181,7 +202,8 @@ class EnginePool:
         if family not in self.processors:
             from transformers import AutoProcessor
 
-            self.processors[family] = AutoProcessor.from_pretrained(self.model_dirs(family), local_files_only=True)
+            self.processors[family] = AutoProcessor.from_pretrained(
+                self.model_dirs(family), local_files_only=True, trust_remote_code=trusts_remote_code(family))
         return self.processors[family]
 
     def __enter__(self):
@@ -250,7 +272,9 @@ def num_free_blocks(llm) -> int:
 
 def engine_image(seed: int = 0, height: int = 224, width: int = 224):
     """A deterministic noise image with flat rectangles (``tests/hf/conftest.py:random_image``).
-    224 x 224 gives 64 image tokens for every tiny family but LLaVA-NeXT (88)."""
+    224 x 224 gives 64 image tokens for every tiny family but LLaVA-NeXT (88) and Phi-3-V (757: its
+    HD transform makes 2 x 2 crops of a square; 128 x 64 gives 2 x 1 crops, 469 tokens; 64 x 128
+    gives 1 x 2, 457)."""
     from tests.hf.conftest import random_image
 
     return random_image(seed, height, width)
@@ -263,6 +287,20 @@ def chat_messages(image, question: str) -> list[dict]:
     content = [{"type": "image_pil", "image_pil": img} for img in images]
     content.append({"type": "text", "text": question})
     return [{"role": "user", "content": content}]
+
+
+def chat_prompt(processor, num_images: int, question: str) -> str:
+    """The chat template's text of one user turn with ``num_images`` images, then ``question``.
+
+    Phi-3.5-Vision's template takes string content: its images are the ``<|image_k|>`` tags, each
+    on its own line before the text, as vLLM renders a chat's image parts for such a template."""
+    if type(processor).__name__ == "Phi3VProcessor":
+        content = "".join(f"<|image_{k}|>\n" for k in range(1, num_images + 1)) + question
+        return processor.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                       add_generation_prompt=True, tokenize=False)
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
 
 
 def greedy_params(max_tokens: int = 8, **kwargs):

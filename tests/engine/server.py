@@ -4,6 +4,9 @@ The server is started exactly as the README shows (plus the CPU test settings), 
 ``VLLM_LOGGING_LEVEL=DEBUG`` so that the scheduler's per-request line can be checked, and is
 shared by every server test module (start-up takes 100-280 s on 2 cores). Tests must not
 depend on each other's requests: counters are compared as deltas (:meth:`Server.metrics`).
+
+``test_server_phi3v.py`` starts its own ``vllm serve TINY_PHI --plugin asymvlm --trust-remote-code``
+(:data:`PHI3V_SERVER_FLAGS`) for its module.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ SERVER_FLAGS = (
     # CPU test settings (the same as the in-process engine tests)
     "--enforce-eager", "--max-model-len", "512", "--dtype", "float32", "--block-size", "32",
     "--compilation-config", '{"custom_ops": ["none"]}', "--max-num-seqs", "4",
+)
+# Tiny Phi-3.5-Vision: no --asymvlm-config (the preset of its architecture, phi-3.5-vision);
+# its processor is remote code in the model directory, so the user opts in. An image is
+# 457-757 tokens (1 x 2 to 2 x 2 HD crops).
+PHI3V_SERVER_FLAGS = (
+    "--plugin", "asymvlm", "--trust-remote-code",
+    "--enforce-eager", "--max-model-len", "2048", "--max-num-batched-tokens", "2048", "--dtype", "float32",
+    "--block-size", "32", "--compilation-config", '{"custom_ops": ["none"]}', "--max-num-seqs", "4",
 )
 
 
@@ -100,13 +111,19 @@ def image_content(seed: int, question: str = "What is in the image?") -> list[di
     return [image_url(seed), {"type": "text", "text": question}]
 
 
-def start_server(model: str, log: Path) -> Server:
-    port = free_port()
+def serve_command(model: str, flags=SERVER_FLAGS) -> tuple[list[str], dict]:
+    """The ``vllm serve`` command line on a free port, and its environment."""
     command = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--host", "127.0.0.1",
-               "--port", str(port), *SERVER_FLAGS]
+               "--port", str(free_port()), *flags]
     env = subprocess_env()
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as deployed: engine core in its own process
     env["VLLM_LOGGING_LEVEL"] = "DEBUG"
+    return command, env
+
+
+def start_server(model: str, log: Path, flags=SERVER_FLAGS) -> Server:
+    command, env = serve_command(model, flags)
+    port = int(command[command.index("--port") + 1])
     with open(log, "wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)

@@ -10,11 +10,15 @@ What is checked, per family where it applies:
 4. two images in one prompt are both pruned;
 5. Gemma 3's bidirectional image ranges follow the pruned span;
 6. per-request options (off, a keep ratio, an invalid value);
-7. an image at offset 0.
+7. an image at offset 0;
+8. Phi-3.5-Vision (``trust_remote_code``): its separator rows (the ``sub_GN`` newlines and the
+   ``glb_GN`` row between the crops and the global view), found here by value in the engine's
+   own encoder output, are all kept; two images of different HD crop grids (1 x 2 and 2 x 2) in
+   one prompt; a repeated pruned request is a prefix-cache hit with the same answer.
 
 Cost: every engine is built once per module (lazily) and all of them are shut down together at
 the end; each builds in a few seconds but every ``free_llm`` costs full garbage collections, so
-the module frees once. KV caches are made small (see :class:`_Engines`) so that the ten
+the module frees once. KV caches are made small (see :class:`_Engines`) so that the thirteen
 engines fit in memory side by side.
 """
 
@@ -28,7 +32,7 @@ from typing import Any
 import pytest
 import torch
 
-from .helpers import EnginePool, engine_image, greedy_params, model_runner, num_free_blocks, scheduler
+from .helpers import EnginePool, chat_prompt, engine_image, greedy_params, model_runner, num_free_blocks, scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +62,7 @@ class Req:
     question: str = QUESTION
     extra: tuple[tuple[str, Any], ...] = ()
     image_first: bool = False  # a raw prompt that starts with the image token (no chat template)
+    sizes: tuple[tuple[int, int], ...] = ()  # (height, width) per image; none: 224 x 224 each
 
 
 MAIN = Req("main", (0,))
@@ -67,6 +72,24 @@ OFF = Req("off", (3,), extra=(("asymvlm", "off"),))
 OFF_PLAIN = Req("off", (3,))  # the same prompt, for the engine without the plugin
 QUARTER = Req("quarter", (4,), extra=(("asymvlm_keep_ratio", 0.25),))
 IMAGE_FIRST = Req("image_first", (5,), image_first=True)
+# Phi-3.5-Vision: small non-square images keep the CLIP ViT-L/14-336 work down (one crop per
+# 336 px); the second image of TWO_GRIDS is square, 2 x 2 crops.
+PHI_MAIN = Req("main", (0,), sizes=((128, 64),))  # 2 x 1 crops: 469 rows, 37 of them separators
+PHI_TWO_GRIDS = Req("two_images", (1, 2), "Which colour is the largest shape in the chart?",
+                    sizes=((64, 128), (224, 224)))  # 1 x 2 crops (457 rows) and 2 x 2 (757)
+# Rows of a Phi-3-V image of h x w crops and how many of them are separators, by the formula of
+# the HD transform (12·h rows of 12·w merged patches, then the 12 x 12 global view, each row
+# ended by a newline; one glb_GN between the two parts): written out here, not from core.
+PHI_GRIDS = {(128, 64): (2, 1), (64, 128): (1, 2), (224, 224): (2, 2)}
+
+
+def phi_rows(h: int, w: int) -> int:
+    return 12 * h * (12 * w + 1) + 1 + 12 * 13
+
+
+def phi_separators(h: int, w: int) -> int:
+    return 12 * h + 1 + 12
+
 
 # Every image request of one engine has its own image: a later request must not hit the prefix
 # cache of an earlier, unpruned one (it would then run unpruned with status "prefix_cached").
@@ -81,20 +104,25 @@ RUNS: dict[tuple[str, str], tuple[Req, ...]] = {
     ("qwen2_5_vl", "keep_all"): (MAIN, TEXT),
     ("qwen2_5_vl", "prune"): (MAIN, TEXT),
     ("llava_next", "prune"): (MAIN, TEXT),
+    ("phi3_v", "plain"): (PHI_MAIN, TEXT),
+    ("phi3_v", "keep_all"): (PHI_MAIN, TEXT),
+    ("phi3_v", "prune"): (PHI_MAIN, TEXT, PHI_TWO_GRIDS),
 }
+# Vision tokens of the MAIN request's image per family (the tiny configs; 64 unless listed).
+MAIN_IMAGE_TOKENS = {"phi3_v": phi_rows(2, 1)}
 
 
 def _prompt_text(processor, req: Req) -> str:
     if req.image_first:
         assert len(req.images) == 1
         return f"{processor.image_token}\nUSER: {req.question}\nASSISTANT:"
-    content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    return chat_prompt(processor, len(req.images), req.question)
 
 
 def _images(req: Req) -> list:
-    return [engine_image(seed) for seed in req.images]
+    sizes = req.sizes or ((224, 224),) * len(req.images)
+    assert len(sizes) == len(req.images)
+    return [engine_image(seed, h, w) for seed, (h, w) in zip(req.images, sizes)]
 
 
 # ---------------------------------------------------------------- what the engine did, by request tag
@@ -121,6 +149,7 @@ class Recorder:
     decisions: dict[str, Any] = field(default_factory=dict)  # tag -> RequestDecision
     mrope: dict[str, list[tuple[torch.Tensor, int]]] = field(default_factory=lambda: defaultdict(list))
     prefix_ranges: list[tuple[list[list[str]], dict[int, list[tuple[int, int]]]]] = field(default_factory=list)
+    encoder_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # identifier -> rows the runner decided on
 
 
 def _tag(request) -> str | None:
@@ -134,6 +163,7 @@ def recorder():
     import vllm.v1.worker.gpu_model_runner as gpu_model_runner
     from vllm.v1.core.sched.scheduler import Scheduler
 
+    import asymvlm_vllm.engine.runner as runner_module
     from asymvlm_vllm.engine.runner import AsymVLMRunnerMixin
     from asymvlm_vllm.engine.scheduler import AsymVLMScheduler
 
@@ -142,6 +172,7 @@ def recorder():
     apply_decision = AsymVLMScheduler._apply_decision
     init_mrope = AsymVLMRunnerMixin._init_mrope_positions
     prefix_ranges = gpu_model_runner.compute_mm_prefix_ranges
+    decide = runner_module.decide_request
 
     def schedule_hook(self, *args, **kwargs):  # AsymVLMScheduler.schedule reaches it through super()
         output = schedule(self, *args, **kwargs)
@@ -179,7 +210,18 @@ def recorder():
                                   {k: [tuple(r) for r in v] for k, v in result.items()}))
         return result
 
+    def decide_hook(model, family, config, ranker, prompt_token_ids, mm_features, feature_indices, encoder_outputs,
+                    *args, **kwargs):
+        for index in feature_indices:
+            identifier = mm_features[index].identifier
+            rows = encoder_outputs.get(identifier)
+            if rows is not None:
+                rec.encoder_rows[identifier] = rows.detach().reshape(-1, rows.shape[-1]).cpu().clone()
+        return decide(model, family, config, ranker, prompt_token_ids, mm_features, feature_indices, encoder_outputs,
+                      *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner_module, "decide_request", decide_hook)
         mp.setattr(Scheduler, "schedule", schedule_hook)
         mp.setattr(AsymVLMScheduler, "_apply_decision", apply_decision_hook)
         mp.setattr(AsymVLMRunnerMixin, "_init_mrope_positions", init_mrope_hook)
@@ -308,7 +350,7 @@ def hf_reference(vlm, prompt_text: str, images: list, decision, causal: bool = F
     from asymvlm_vllm.hf.generation import generate_from_prompt
     from asymvlm_vllm.hf.pruning import prune_prompt
 
-    inputs = vlm.processor(text=[prompt_text], images=[images], return_tensors="pt")
+    inputs = vlm.adapter.tokenise(vlm.processor, [prompt_text], [images])  # Phi-3-V: image tokens as vLLM writes them
     features = vlm.image_features(inputs)
     with torch.inference_mode():
         prunable = vlm.adapter.prunable_rows(vlm.model, inputs, features)
@@ -393,7 +435,7 @@ def _assert_pruned(outcome: dict, num_images: int = 1) -> None:
 # ---------------------------------------------------------------- 1. keep ratio 1.0 == no plugin
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl", "phi3_v"])
 def test_keep_ratio_one_is_token_identical_to_vllm_without_the_plugin(engines, family):
     plain = engines.run(family, "plain")
     keep_all = engines.run(family, "keep_all")
@@ -402,10 +444,11 @@ def test_keep_ratio_one_is_token_identical_to_vllm_without_the_plugin(engines, f
         _assert_logprobs_close(keep_all.first_logprobs(name), plain.first_logprobs(name), f"{family}/{name}")
         assert list(keep_all.outputs[name].prompt_token_ids) == list(plain.outputs[name].prompt_token_ids)
     outcome = keep_all.outcome("main")
+    tokens = MAIN_IMAGE_TOKENS.get(family, 64)
     assert outcome["status"] == "pruned", outcome
-    assert outcome["vision_tokens_kept"] == outcome["vision_tokens"] == 64
+    assert outcome["vision_tokens_kept"] == outcome["vision_tokens"] == tokens
     assert outcome["prompt_tokens_prefilled"] == outcome["prompt_tokens"] == len(plain.outputs["main"].prompt_token_ids)
-    assert [(i["tokens"], i["kept"]) for i in outcome["images"]] == [(64, 64)]
+    assert [(i["tokens"], i["kept"]) for i in outcome["images"]] == [(tokens, tokens)]
     assert keep_all.outcome("text") is None  # text-only requests are not AsymVLM's
     assert keep_all.free_blocks_after == keep_all.free_blocks_before
     # Nothing was rewritten: the request was admitted once, with its whole prompt.
@@ -416,7 +459,7 @@ def test_keep_ratio_one_is_token_identical_to_vllm_without_the_plugin(engines, f
 # ---------------------------------------------------------------- 2. pruned == transformers reference
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_next", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_next", "gemma3", "phi3_v"])
 def test_pruned_generation_matches_the_transformers_reference(engines, hf_models, family):
     run = engines.run(family, "prune")
     outcome = run.outcome("main")
@@ -429,6 +472,8 @@ def test_pruned_generation_matches_the_transformers_reference(engines, hf_models
     assert image["kept"] == structural + vllm_image.num_prunable // 2  # uniform 0.5 over the prunable rows
     if family == "llava_next":
         assert structural > 0  # the newline rows exist and are all kept (checked in hf_reference)
+    elif family == "phi3_v":
+        assert (vllm_image.num_rows, structural) == (phi_rows(2, 1), phi_separators(2, 1))
     else:
         assert structural == 0
     _check_against_reference(engines, hf_models, family, "main", causal=family == "gemma3")
@@ -453,7 +498,7 @@ def test_qwen_pruned_request_keeps_its_original_mrope_positions(engines, hf_mode
 # ---------------------------------------------------------------- 3. prompt and KV blocks shrink
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl", "phi3_v"])
 def test_prompt_and_kv_blocks_shrink_by_exactly_the_pruned_tokens(engines, family):
     plain = engines.run(family, "plain")
     run = engines.run(family, "prune")
@@ -462,6 +507,8 @@ def test_prompt_and_kv_blocks_shrink_by_exactly_the_pruned_tokens(engines, famil
     pruned = outcome["vision_tokens"] - outcome["vision_tokens_kept"]
     assert outcome["prompt_tokens"] - outcome["prompt_tokens_prefilled"] == pruned > 0
     assert outcome["prompt_tokens"] == len(run.outputs["main"].prompt_token_ids)
+    text_tokens = outcome["prompt_tokens"] - outcome["vision_tokens"]
+    assert outcome["prompt_tokens_prefilled"] == outcome["vision_tokens_kept"] + text_tokens
 
     probe, readmitted = engines.recorder.admissions[run.tag("main")]
     assert len(probe.prompt_token_ids) == outcome["prompt_tokens"]
@@ -605,6 +652,97 @@ def test_image_at_the_start_of_the_prompt_is_pruned(engines, hf_models):
     assert readmitted.num_computed_tokens == 0
     assert len(run.tokens("image_first")) == MAX_TOKENS
     _check_against_reference(engines, hf_models, "llava", "image_first")
+
+
+# ---------------------------------------------------------------- 8. Phi-3.5-Vision
+
+
+def _phi_separators(llm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vLLM model's ``sub_GN`` and ``glb_GN``, each through the projector on its own: (D,) each."""
+    vision = model_runner(llm).model.vision_embed_tokens
+    with torch.inference_mode():
+        sub = vision.img_projection(vision.sub_GN.reshape(1, -1)).reshape(-1).float().cpu()
+        glb = vision.img_projection(vision.glb_GN.reshape(1, -1)).reshape(-1).float().cpu()
+    return sub, glb
+
+
+@pytest.mark.parametrize("name", ["main", "two_images"])
+def test_phi3v_separator_rows_are_never_pruned(engines, name):
+    """The engine's own encoder rows that *are* a projected separator (within float32 rounding:
+    the projector ran on the whole image there) sit exactly where the HD layout puts them, are
+    exactly the decision's structural rows, and are all kept; found by value, not by layout."""
+    run = engines.run("phi3_v", "prune")
+    sub, glb = _phi_separators(engines.llm("phi3_v", "prune"))
+    assert not torch.allclose(sub, glb, rtol=1e-4, atol=1e-4)
+    req = next(r for r in RUNS[("phi3_v", "prune")] if r.name == name)
+    decision = engines.recorder.decisions[run.tag(name)]
+    assert decision.error is None, decision.error
+    probe = engines.recorder.admissions[run.tag(name)][0]
+    for image, identifier, size in zip(decision.images, probe.identifiers, req.sizes, strict=True):
+        h, w = PHI_GRIDS[size]
+        rows = engines.recorder.encoder_rows[identifier]
+        assert rows.shape[0] == image.num_rows == phi_rows(h, w)
+        is_sub = torch.isclose(rows, sub, rtol=1e-4, atol=1e-5).all(-1)
+        is_glb = torch.isclose(rows, glb, rtol=1e-4, atol=1e-5).all(-1)
+        assert not bool((is_sub & is_glb).any())
+        width = 12 * w + 1  # a row of the crops' grid and its newline
+        crops_end = 12 * h * width
+        expected_sub = [r * width + width - 1 for r in range(12 * h)]
+        expected_sub += [crops_end + 1 + r * 13 + 12 for r in range(12)]
+        assert is_sub.nonzero().flatten().tolist() == expected_sub
+        assert is_glb.nonzero().flatten().tolist() == [crops_end]
+        separators = set(expected_sub) | {crops_end}
+        assert len(separators) == phi_separators(h, w) == image.num_rows - image.num_prunable
+        assert separators <= set(image.keep_rows), f"separator rows {sorted(separators - set(image.keep_rows))} pruned"
+        # Uniform 0.5 over the image rows, the separators on top.
+        assert len(image.keep_rows) == len(separators) + image.num_prunable // 2
+    _assert_pruned(run.outcome(name), num_images=len(req.images))
+
+
+def test_phi3v_two_images_of_different_crop_grids_are_both_pruned(engines, hf_models):
+    run = engines.run("phi3_v", "prune")
+    outcome = run.outcome("two_images")
+    _assert_pruned(outcome, num_images=2)
+    grids = [PHI_GRIDS[size] for size in PHI_TWO_GRIDS.sizes]
+    expected = [(phi_rows(h, w), phi_separators(h, w) + (phi_rows(h, w) - phi_separators(h, w)) // 2) for h, w in grids]
+    assert [(i["tokens"], i["kept"]) for i in outcome["images"]] == expected == [(457, 241), (757, 397)]
+    readmitted = engines.recorder.admissions[run.tag("two_images")][-1]
+    assert [length for _, length, _ in readmitted.positions] == [kept for _, kept in expected]
+    ref = _check_against_reference(engines, hf_models, "phi3_v", "two_images")
+    assert readmitted.prompt_token_ids == ref.prompt.kept_token_ids[0].tolist()
+    assert run.free_blocks_after == run.free_blocks_before
+
+
+def test_phi3v_repeated_pruned_request_hits_the_prefix_cache(engines):
+    """The same pruned request again: the same decision and answer, and its pruned prompt's full
+    blocks come from the prefix cache (its pruned identifier hashes them as the first run did)."""
+    run = engines.run("phi3_v", "prune")
+    llm = engines.llm("phi3_v", "prune")
+    tag = run.tag("main-again")
+    before = num_free_blocks(llm)
+    prompt = {"prompt": run.prompts["main"], "multi_modal_data": {"image": _images(PHI_MAIN)[0]}}
+    (again,) = llm.generate([prompt], [greedy_params(MAX_TOKENS, logprobs=LOGPROBS, extra_args={"test_tag": tag})],
+                            use_tqdm=False)
+    assert list(again.outputs[0].token_ids) == run.tokens("main")
+    _assert_logprobs_close({tid: lp.logprob for tid, lp in again.outputs[0].logprobs[0].items()},
+                           run.first_logprobs("main"), "phi3_v/main-again")
+    outcome = again.kv_transfer_params["asymvlm"]
+    timing = ("probe_seconds", "scoring_seconds")
+    assert {k: v for k, v in outcome.items() if k not in timing} == \
+        {k: v for k, v in run.outcome("main").items() if k not in timing}
+    assert engines.recorder.decisions[tag].images[0].keep_rows == \
+        engines.recorder.decisions[run.tag("main")].images[0].keep_rows
+    first = engines.recorder.admissions[run.tag("main")][-1]
+    probe, readmitted = engines.recorder.admissions[tag]
+    assert readmitted.identifiers == first.identifiers and "#asymvlm" in readmitted.identifiers[0]
+    assert first.num_computed_tokens == 0
+    prefilled = outcome["prompt_tokens_prefilled"]
+    # Every full block but the one holding the last prompt token (always recomputed).
+    cached = BLOCK_SIZE * ((prefilled - 1) // BLOCK_SIZE)
+    assert again.num_cached_tokens == readmitted.num_computed_tokens == cached > BLOCK_SIZE
+    assert readmitted.num_computed_tokens + readmitted.num_scheduled_tokens == prefilled
+    assert probe.num_computed_tokens == 0  # the unpruned prompt's image blocks were never cached
+    assert num_free_blocks(llm) == before
 
 
 # ---------------------------------------------------------------- nothing left behind

@@ -7,6 +7,10 @@ model of the same checkpoint loaded in float64 (its own vision tower + projector
 rows, LLaVA-NeXT's packed rows with their newline rows included; its input embedding table for
 the text) and the loops of :mod:`tests.reference` (text query, cosine-max scores, importance
 gap, budget rule, keep count, top-k). Nothing of ``asymvlm_vllm`` computes the expectation.
+Phi-3.5-Vision has no transformers model: :class:`Phi3VOracle` computes its image rows in
+float64 from the checkpoint's tensors (transformers' CLIP ViT-L/14-336 cut to the configured
+layer, the HD layout written out as loops, the two-layer projector), its separator rows known by
+construction and cross-checked by value against the separately projected ``sub_GN``/``glb_GN``.
 
 Per image: the keep set (exactly; see :data:`TIE_ATOL` for the one allowed difference), the
 gap (within :data:`GAP_ATOL`), the rule's ratio (exactly), the row counts.
@@ -17,7 +21,9 @@ Engines, one per family, each with its own rule:
   all three tiers; two images in one prompt; an image at offset 0; every per-request option;
 * ``llava_next``: its bundled preset (threshold; ``min_keep: 64`` binds: 64 > ⌊80 · 0.4⌋);
 * ``qwen2_5_vl``: a linear rule, clamped at both ends and in between within the batch;
-* ``gemma3``: a uniform rule, plus an image at offset 0 (soft tokens after ``\\n\\n<boi>``).
+* ``gemma3``: a uniform rule, plus an image at offset 0 (soft tokens after ``\\n\\n<boi>``);
+* ``phi3_v``: its bundled preset (threshold, ``min_keep: 64``) on images of 2 x 1, 1 x 2 and
+  2 x 2 HD crops, ``trust_remote_code`` for its processor.
 
 Cost: four engine builds (a few seconds each) and 27 requests, once per module: about 45 s on
 two idle cores (70-110 s on a busy machine). In every run so far the keep sets were identical,
@@ -39,7 +45,7 @@ from tests.reference import (
     budget_ratio_reference, decide_reference, keep_count_reference, request_rule_reference, top_k_reference,
 )
 
-from .helpers import EnginePool, engine_image, greedy_params
+from .helpers import EnginePool, chat_prompt, engine_image, greedy_params
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +72,7 @@ STRUCTURE_TOKEN_ATTRS = {
     "llava_next": (),
     "qwen2_5_vl": ("vision_start_token_id", "vision_end_token_id"),
     "gemma3": ("boi_token_index", "eoi_token_index"),
+    "phi3_v": (),
 }
 
 # ---------------------------------------------------------------- rules and requests
@@ -89,6 +96,12 @@ class Req:
     question: str = QUESTION
     extra: tuple[tuple[str, Any], ...] = ()
     image_first: bool = False
+    sizes: tuple[tuple[int, int], ...] = ()  # (height, width) per image; none: 224 x 224 each
+
+    def pil_images(self) -> list:
+        sizes = self.sizes or ((224, 224),) * len(self.images)
+        assert len(sizes) == len(self.images)
+        return [engine_image(seed, h, w) for seed, (h, w) in zip(self.images, sizes)]
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,13 @@ ENGINES = {
         # A short question: here <boi>/<eoi>, if (wrongly) in the query, would move the gap.
         Req("short_question", (57,), "Hi"),
     )),
+    # Tiny Phi-3-V gaps are ~0.05, below the preset's gap_low: its conservative ratio 0.5.
+    "phi3_v": EngineSpec(None, "phi-3.5-vision", (
+        Req("main", (60,), sizes=((128, 64),)),                           # 2 x 1 crops
+        Req("two_images", (61, 62), CHART, sizes=((64, 128), (224, 224))),  # 1 x 2 and 2 x 2 crops
+        Req("keep_ratio", (63,), extra=(("asymvlm_keep_ratio", 0.1),), sizes=((64, 128),)),  # preset floor 64 binds
+        Req("budget", (64,), extra=(("asymvlm_budget", "aggressive"),), sizes=((128, 64),)),
+    )),
 }
 
 CASES = [(family, req.name) for family, spec in ENGINES.items() for req in spec.requests]
@@ -161,9 +181,7 @@ def _prompt_text(processor, family: str, req: Req) -> str:
             # tokenize as one "\n\n\n" token, which vLLM's Gemma 3 placeholder search does not find.
             return f"{processor.boi_token} USER: {req.question}\nASSISTANT:"
         return f"{processor.image_token}\nUSER: {req.question}\nASSISTANT:"
-    content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    return chat_prompt(processor, len(req.images), req.question)
 
 
 # ---------------------------------------------------------------- the engine side
@@ -210,7 +228,7 @@ class _Engines(EnginePool):
             reqs = ENGINES[family].requests
             prompts, params = [], []
             for req in reqs:
-                images = [engine_image(seed) for seed in req.images]
+                images = req.pil_images()
                 prompts.append({"prompt": _prompt_text(processor, family, req),
                                 "multi_modal_data": {"image": images[0] if len(images) == 1 else images}})
                 extra = {"test_tag": f"{family}/{req.name}", **dict(req.extra)}
@@ -240,15 +258,19 @@ class OracleInputs:
 
 @pytest.fixture(scope="module")
 def hf_float64(engine_models):
-    """family → the transformers model of the tiny checkpoint, in float64."""
+    """family → the transformers model of the tiny checkpoint, in float64 (Phi-3-V: the oracle's
+    own :class:`Phi3VOracle`)."""
     from transformers import AutoModelForImageTextToText
 
     cache: dict[str, Any] = {}
 
     def get(family: str):
         if family not in cache:
-            cache[family] = AutoModelForImageTextToText.from_pretrained(
-                engine_models(family), dtype=torch.float64, local_files_only=True).eval()
+            if family == "phi3_v":
+                cache[family] = Phi3VOracle(engine_models(family))
+            else:
+                cache[family] = AutoModelForImageTextToText.from_pretrained(
+                    engine_models(family), dtype=torch.float64, local_files_only=True).eval()
         return cache[family]
 
     yield get
@@ -287,9 +309,109 @@ def _newline_rows_llava_next(model, inputs) -> list[list[bool]]:
     return [[bool(x) for x in p[:, 0] == 1] for p in packed]
 
 
+class Phi3VOracle:
+    """Phi-3-V's image rows and embedding table in float64, from the checkpoint's tensors.
+
+    In prompt order an image of ``h x w`` HD crops is: ``12·h`` rows of ``12·w`` merged patches
+    of the crops (crop ``(i, j)`` covers grid rows ``12i..12i+11``, columns ``12j..12j+11``), each
+    row followed by the newline ``sub_GN``; one ``glb_GN``; the 336-px global view's 12 rows of 12
+    merged patches, each followed by ``sub_GN``. A merged patch is the CLIP features of a 2 x 2
+    patch block, concatenated in the order (top left, top right, bottom left, bottom right). CLIP
+    is transformers' ``CLIPVisionModel`` cut after ``img_processor.layer_idx`` (no final norm); the
+    class token is dropped. Every row then goes through Linear → GELU → Linear."""
+
+    CLIP_PREFIX = "model.vision_embed_tokens.img_processor.vision_model."
+
+    def __init__(self, model_dir):
+        import json
+
+        from safetensors.torch import load_file
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        weights = {k: v.to(torch.float64) for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()}
+        layer_idx = config["img_processor"].get("layer_idx", -2)
+        layers = 24 + layer_idx + 1 if layer_idx < 0 else layer_idx + 1
+        self.clip = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=layers, patch_size=14,
+            image_size=336, hidden_act="quick_gelu", layer_norm_eps=1e-5)).to(torch.float64).eval()
+        clip_state = {k[len(self.CLIP_PREFIX):]: v for k, v in weights.items() if k.startswith(self.CLIP_PREFIX)}
+        clip_state = {k: v for k, v in clip_state.items()
+                      if not k.startswith("encoder.layers.") or int(k.split(".")[2]) < layers}
+        missing, unexpected = self.clip.load_state_dict(clip_state, strict=False)
+        assert not missing and not unexpected, (missing, unexpected)
+        prefix = "model.vision_embed_tokens."
+        self.sub_gn = weights[prefix + "sub_GN"].reshape(-1)
+        self.glb_gn = weights[prefix + "glb_GN"].reshape(-1)
+        self.projection = [(weights[f"{prefix}img_projection.{i}.weight"], weights[f"{prefix}img_projection.{i}.bias"])
+                           for i in (0, 2)]
+        self.embedding_table = weights["model.embed_tokens.weight"].numpy()
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        (w1, b1), (w2, b2) = self.projection
+        return torch.nn.functional.gelu(x @ w1.T + b1) @ w2.T + b2
+
+    def image_rows(self, pixel_values: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, list[bool]]:
+        """(R, D) float64 rows and (R,) separator flags of one image; ``pixel_values``: the
+        processor's (crops, 3, 336, 336), the global view first, then the HD crops, then padding."""
+        h, w = height // 336, width // 336
+        assert (h * 336, w * 336) == (height, width)
+        with torch.inference_mode():
+            hidden = self.clip(pixel_values=pixel_values[: 1 + h * w].to(torch.float64)).last_hidden_state
+        patches = hidden[:, 1:].reshape(-1, 24, 24, hidden.shape[-1])  # (1 + h·w, 24, 24, 1024)
+
+        def merged(crop: int, r: int, c: int) -> torch.Tensor:
+            return torch.cat([patches[crop, 2 * r, 2 * c], patches[crop, 2 * r, 2 * c + 1],
+                              patches[crop, 2 * r + 1, 2 * c], patches[crop, 2 * r + 1, 2 * c + 1]])
+
+        rows, separator = [], []
+        for r in range(12 * h):
+            for c in range(12 * w):
+                rows.append(merged(1 + (r // 12) * w + c // 12, r % 12, c % 12))
+                separator.append(False)
+            rows.append(self.sub_gn)
+            separator.append(True)
+        rows.append(self.glb_gn)
+        separator.append(True)
+        for r in range(12):
+            for c in range(12):
+                rows.append(merged(0, r, c))
+                separator.append(False)
+            rows.append(self.sub_gn)
+            separator.append(True)
+        with torch.inference_mode():
+            out = self.project(torch.stack(rows))
+            # By value too: the separator rows are the separators projected on their own (float64:
+            # equal to rounding), and no image row comes close to either.
+            alone = self.project(torch.stack([self.sub_gn, self.glb_gn]))
+        close = torch.stack([torch.isclose(out, s, rtol=1e-9, atol=1e-12).all(-1) for s in alone]).any(0)
+        assert close.tolist() == separator
+        return out, separator
+
+
+def _oracle_inputs_phi3v(oracle: Phi3VOracle, processor, prompt: str, images: list) -> OracleInputs:
+    """Phi-3-V: the processor marks image ``k``'s tokens ``-k``; vLLM writes ``<|image|>`` there."""
+    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    ids = inputs["input_ids"][0]
+    vision_mask = ids < 0
+    spans = _runs(vision_mask)
+    assert len(spans) == len(images), spans
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image|>")
+    ids = ids.masked_fill(vision_mask, image_token)
+    out = []
+    for (start, length), pixels, (height, width) in zip(spans, inputs["pixel_values"], inputs["image_sizes"].tolist(),
+                                                       strict=True):
+        rows, separator = oracle.image_rows(pixels, int(height), int(width))
+        assert rows.shape[0] == length, (rows.shape, length)
+        out.append((rows.numpy(), separator))
+    return OracleInputs(ids.tolist(), vision_mask.tolist(), [], oracle.embedding_table, out)
+
+
 def oracle_inputs(model, processor, family: str, prompt: str, images: list) -> OracleInputs:
     """Everything the oracle needs, from transformers only: the processor's prompt ids, the
     float64 vision tower + projector rows of each image, the float64 embedding table."""
+    if family == "phi3_v":
+        return _oracle_inputs_phi3v(model, processor, prompt, images)
     inputs = processor(text=prompt, images=images, return_tensors="pt")
     ids = inputs["input_ids"][0]
     vision_mask = ids == _image_token_id(model.config)  # every placeholder position (newline rows included)
@@ -402,7 +524,7 @@ def checked(engines, decisions, hf_float64):
             req = _request(family, name)
             processor = engines.processor(family)
             prompt = _prompt_text(processor, family, req)
-            inputs = oracle_inputs(hf_float64(family), processor, family, prompt, [engine_image(s) for s in req.images])
+            inputs = oracle_inputs(hf_float64(family), processor, family, prompt, req.pil_images())
             # Same prompt on both sides (vLLM's RequestOutput keeps the unpruned prompt).
             assert inputs.input_ids == list(outputs[name].prompt_token_ids), f"{family}/{name}: prompt ids differ"
             configured, min_keep = _configured(family)
@@ -472,12 +594,17 @@ def test_the_cases_cover_what_they_claim(checked):
 
     # min_keep binds (more than ⌊n · ratio⌋) from the config and from a request, and is released by one.
     for family, name in (("llava_next", "main"), ("llava", "min_keep"), ("llava", "keep_ratio_min_keep"),
-                         ("qwen2_5_vl", "min_keep"), ("gemma3", "min_keep")):
+                         ("qwen2_5_vl", "min_keep"), ("gemma3", "min_keep"), ("phi3_v", "keep_ratio")):
         for case, e in images(family, (name,)):
             floor = keep_count_reference(len(e["prunable"]), e["ratio"], 0)
             assert e["count"] == _min_keep(family, case.req) > floor, (family, name)
     (case, e), = images("llava_next", ("min_keep",))
     assert e["count"] == keep_count_reference(len(e["prunable"]), e["ratio"], 0) < _configured("llava_next")[1]
+
+    # Phi-3-V: its separator rows are there (the oracle's structural rows), in all three crop
+    # grids (2 x 1, 1 x 2 and 2 x 2): (rows, separators) = (12h(12w + 1) + 157, 12h + 13).
+    grids = {(e["num_rows"], e["num_rows"] - len(e["prunable"])) for _, e in images("phi3_v")}
+    assert grids == {(469, 37), (457, 25), (757, 37)}, grids
 
     # Per-request rules differ from what the configured rule would have given (uniform aside).
     for family, spec in ENGINES.items():

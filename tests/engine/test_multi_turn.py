@@ -66,20 +66,20 @@ def _reference_drop(vlm, hf_messages, images):
     from asymvlm_vllm.core.eviction import MultiTurnEviction
     from asymvlm_vllm.hf.multiturn import answer_token_spans, conversation_inputs, image_embeddings
 
-    inputs = conversation_inputs(vlm.processor, hf_messages, images)
+    inputs = conversation_inputs(vlm.processor, hf_messages, images, vlm.adapter)
     ids = inputs["input_ids"][0]
-    spans = answer_token_spans(vlm.processor, hf_messages, images, ids)
+    spans = answer_token_spans(vlm.processor, hf_messages, images, ids, vlm.adapter)
     vision = ids == vlm.adapter.image_token_id(vlm.model)
     with torch.inference_mode():
         tokens = vlm.model.get_input_embeddings()(ids.masked_fill(vision, 0)[None])[0]
         per_message = [sum(1 for p in m["content"] if p.get("type") == "image") for m in hf_messages]
         rows = image_embeddings(vlm, inputs, per_message)
     dropped = MultiTurnEviction(ANSWER_BUDGET, 1).select_answers(spans, tokens, rows)
-    prompt_text = vlm.processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
+    prompt_text = vlm.adapter.render(vlm.processor, hf_messages, add_generation_prompt=True)
     return spans, dropped, prompt_text
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3", "phi3_v"])
 def test_engine_drops_the_answers_the_transformers_path_drops(engines, hf_models, family):
     llm = engines.build(family, family, CONFIG, KV_CACHE_BYTES)
     free_before = num_free_blocks(llm)

@@ -1,6 +1,7 @@
 """The CPU engine-test infrastructure, proven on *plain* vLLM (no AsymVLM).
 
-For each tiny family the real vLLM engine (in-process, CPU, TEST-ONLY op shim) loads the model,
+For each tiny family the real vLLM engine (in-process, CPU, TEST-ONLY op shim) loads the model
+(Phi-3.5-Vision with ``trust_remote_code``: its processor is remote code in the directory),
 answers an image + question chat with 8 greedy tokens, agrees with the transformers reference
 (``PrunedVLM`` keeping every vision token) on the prompt and the tokens, and gives every KV
 block back to the pool. One LLM per family (module-scoped), one generation batch each.
@@ -16,8 +17,8 @@ import pytest
 import torch
 
 from .conftest import ENGINE_FAMILIES
-from .helpers import (block_pool, chat_messages, engine_image, free_llm, generated_tokens, greedy_params, make_llm,
-                      model_runner, num_free_blocks, scheduler)
+from .helpers import (block_pool, chat_messages, engine_image, family_engine_args, free_llm, generated_tokens,
+                      greedy_params, make_llm, model_runner, num_free_blocks, scheduler, trusts_remote_code)
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +31,11 @@ TOP_LOGPROBS = 5
 # backend does not pass those ranges to the attention op, so CPU vLLM is causal there and the
 # two models differ even unpruned (on these random weights the tokens happen to agree, which
 # proves nothing). For Gemma 3 we only check that the engine generates.
-HF_EXACT = {"llava", "llava_next", "qwen2_5_vl"}
+HF_EXACT = {"llava", "llava_next", "phi3_v", "qwen2_5_vl"}
 
-# Vision tokens per 224 x 224 image (tiny configs, see asymvlm_vllm/hf/tiny.py).
-IMAGE_TOKENS = {"gemma3": 64, "llava": 64, "llava_next": 88, "qwen2_5_vl": 64}
+# Vision tokens per 224 x 224 image (tiny configs, see asymvlm_vllm/hf/tiny.py). Phi-3-V's HD
+# transform makes 2 x 2 crops of a square image: (2·2 + 1)·144 + 1 + (2 + 1)·12.
+IMAGE_TOKENS = {"gemma3": 64, "llava": 64, "llava_next": 88, "phi3_v": 757, "qwen2_5_vl": 64}
 
 
 @dataclass
@@ -52,7 +54,7 @@ def plain_run(request, engine_models):
     """One plain LLM per family; runs the image request alone, then in a batch with itself
     (a prefix-cache hit) and a text-only request."""
     family = request.param
-    llm = make_llm(engine_models(family))
+    llm = make_llm(engine_models(family), **family_engine_args(family))
     try:
         free_before = num_free_blocks(llm)
         params = greedy_params(MAX_TOKENS, logprobs=TOP_LOGPROBS)
@@ -77,7 +79,7 @@ def hf_reference(engine_models):
 
     def get(family):
         if family not in cache:
-            vlm = PrunedVLM.from_pretrained(engine_models(family))
+            vlm = PrunedVLM.from_pretrained(engine_models(family), trust_remote_code=trusts_remote_code(family))
             inputs = vlm.process([engine_image(0)], [QUESTION])
             gen = vlm.generate(inputs, max_new_tokens=MAX_TOKENS)
             with torch.inference_mode():
@@ -112,7 +114,7 @@ def test_generates_greedy_tokens(plain_run):
     out = plain_run.single
     tokens = list(out.outputs[0].token_ids)
     assert len(tokens) == MAX_TOKENS
-    assert all(0 <= t < 512 for t in tokens)
+    assert all(0 <= t < plain_run.llm.llm_engine.model_config.get_vocab_size() for t in tokens)
     # the image expanded into its placeholder tokens (plus structural tokens for Gemma 3)
     assert len(out.prompt_token_ids) > IMAGE_TOKENS[plain_run.family]
 

@@ -84,7 +84,7 @@ def _reference_evictions(trace) -> list[tuple[list[int], object]]:
     return out
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3", "phi3_v"])
 def test_engine_evicts_the_blocks_the_transformers_path_evicts(engines, hf_models, family):
     from asymvlm_vllm.core.eviction import BlockEviction
 
@@ -134,7 +134,7 @@ NEVER_DUE = {"vision": {"budget": {"rule": "uniform", "ratio": 1.0}},
              "text": {"enabled": True, "budget_tokens": 4096, "block_size": BLOCK_SIZE}}
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "gemma3", "phi3_v"])
 def test_eviction_off_or_never_due_gives_plain_vllm_tokens(engines, family):
     """vLLM without the plugin, and the plugin (keep 1.0) with eviction configured but never due
     (a budget above the answer) or turned off per request: the same tokens, image and

@@ -10,6 +10,14 @@ from PIL import Image
 from asymvlm_vllm.hf.tiny import FAMILIES
 
 ALL_FAMILIES = sorted(FAMILIES)
+# Families whose model directory carries remote processor code (Phi-3.5-Vision's processing_phi3_v.py).
+# The product never trusts it by default; the tests trust the tiny directories they built themselves.
+REMOTE_CODE_FAMILIES = frozenset({"phi3_v"})
+
+
+def trust_remote_code(family: str) -> bool:
+    """``trust_remote_code`` for a tiny model of ``family``: True only where its processor needs it."""
+    return family in REMOTE_CODE_FAMILIES
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -31,10 +39,26 @@ def tiny_vlm(tiny_model_dirs):
 
     def get(family: str):
         if family not in cache:
-            cache[family] = PrunedVLM.from_pretrained(tiny_model_dirs(family))
+            cache[family] = PrunedVLM.from_pretrained(tiny_model_dirs(family),
+                                                      trust_remote_code=trust_remote_code(family))
         return cache[family]
 
     return get
+
+
+# Phi-3-V runs CLIP ViT-L/14-336 once per 336-px crop plus once for the global view: a square
+# image is 2 x 2 crops (5 passes, 757 tokens), a 2:1 one 1 x 2 crops (3 passes, 457 or 469
+# tokens). Its tests use wide and tall images, (height, width), alternately.
+PHI3V_SIZES = ((64, 128), (128, 64))
+
+
+def sizes_for(family_or_vlm, sizes):
+    """``sizes`` ((height, width) per image) for a family, or for a ``PrunedVLM``: Phi-3-V gets
+    :data:`PHI3V_SIZES` instead (as many, alternating), every other family ``sizes`` unchanged."""
+    family = getattr(getattr(family_or_vlm, "adapter", None), "architecture", family_or_vlm)
+    if family in ("phi3_v", "Phi3VForCausalLM"):
+        return tuple(PHI3V_SIZES[i % len(PHI3V_SIZES)] for i in range(len(sizes)))
+    return tuple(sizes)
 
 
 def random_image(seed: int, height: int = 224, width: int = 224) -> Image.Image:
@@ -45,3 +69,18 @@ def random_image(seed: int, height: int = 224, width: int = 224) -> Image.Image:
         y, x = rs.randint(0, height // 2), rs.randint(0, width // 2)
         pixels[y : y + height // 3, x : x + width // 3] = rs.randint(0, 255, size=3)
     return Image.fromarray(pixels)
+
+
+def remote_hd_transform():
+    """``HD_transform(img, hd_num)`` of the Phi-3-V image processor the tiny checkpoints ship
+    (remote code, loaded from its file here), to check the project's own code against."""
+    import importlib.util
+    from pathlib import Path
+
+    import asymvlm_vllm.hf
+
+    path = Path(asymvlm_vllm.hf.__file__).parent / "phi3v_remote" / "image_processing_phi3_v.py"
+    spec = importlib.util.spec_from_file_location("tiny_phi3v_image_processing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.HD_transform

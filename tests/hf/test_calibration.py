@@ -36,7 +36,7 @@ from asymvlm_vllm.hf.calibration import (
 )
 from asymvlm_vllm.hf.fidelity import hidden_state_discrepancy
 
-from .conftest import random_image
+from .conftest import random_image, sizes_for
 
 FAMILY = "llava"  # 64 prunable vision tokens per image
 ARCHITECTURE = "LlavaForConditionalGeneration"
@@ -304,3 +304,21 @@ def test_cli_refuses_bad_data_and_scorers(tiny_model_dirs, tmp_path, capsys):
                         ScorerMetadata(architecture="Gemma3ForConditionalGeneration", hidden_size=128))
     assert main([*base, "--data", str(data), "--scorer", str(other)]) == 2
     assert "was trained for Gemma3ForConditionalGeneration, but the model is LlavaForConditionalGeneration" in capsys.readouterr().err
+
+
+def test_phi3v_batches_measure_what_single_samples_do(tiny_vlm):
+    """Phi-3.5-Vision's processor takes one prompt at a time; its adapter collates a batch of a
+    wide and a tall image (457 and 469 image rows, both 288 + 144 prunable) with left padding.
+    The table of a batch is the table of its samples run one by one."""
+    vlm = tiny_vlm("phi3_v")
+    samples = [(random_image(20 + i, *size), QUESTIONS[i], ("unused",)) for i, size in enumerate(sizes_for("phi3_v", [0, 0]))]
+    batched = measure_table(vlm, samples, (0.25, 1.0), "fidelity", batch_size=2)
+    alone = [measure_table(vlm, [s], (0.25, 1.0), "fidelity", batch_size=1) for s in samples]
+    assert batched.num_tokens.tolist() == [432, 432]
+    assert batched.gaps.tolist() == pytest.approx([t.gaps[0] for t in alone], abs=1e-6)
+    assert np.all(batched.values[:, batched.column(1.0)] == 0.0) and np.all(batched.values[:, batched.column(0.25)] > 0)
+    np.testing.assert_allclose(batched.values, np.concatenate([t.values for t in alone]), rtol=1e-3, atol=1e-7)
+    answers = evaluate_budgets(vlm, samples, [UniformBudget(0.25)], "anls", max_new_tokens=3, batch_size=2)
+    single = [evaluate_budgets(vlm, [s], [UniformBudget(0.25)], "anls", max_new_tokens=3, batch_size=1) for s in samples]
+    assert answers.predictions[0] == [r.predictions[0][0] for r in single]
+    assert answers.kept[:, 0].tolist() == [num_tokens_to_keep(432, 0.25) / 432] * 2

@@ -12,7 +12,7 @@ from asymvlm_vllm.core import AsymVLMConfig, UniformBudget
 from asymvlm_vllm.core.flops import prefill_flops
 from asymvlm_vllm.hf import PrunedVLM
 from asymvlm_vllm.hf.demo import COMPLETE_MARKER, sample_question, tiny_model_dir
-from tests.hf.conftest import random_image
+from tests.hf.conftest import random_image, remote_hd_transform
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +265,63 @@ def test_run_demo_returns_the_report(offline, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["flops_ratio"] == report.flops_ratio
     assert format_report(report).startswith("AsymVLM demo\n")
     assert UniformBudget(0.5).keep_ratio(report.images[0].importance_gap) == report.images[0].keep_ratio
+
+
+def test_remote_code_family_needs_the_users_flag(offline, tiny_model_dirs, tmp_path, capsys):
+    """Phi-3.5-Vision's processor is code in the model directory: without --trust-remote-code the
+    demo refuses before any model work and says which flag runs it."""
+    model_dir = tiny_model_dirs("phi3_v")
+    code, out, err = run_cli(capsys, "--model", str(model_dir), "--output-dir", str(tmp_path / "out"))
+    assert code == 2 and out == ""
+    assert err.startswith("asymvlm: error: ") and "remote code" in err and "pass --trust-remote-code" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_phi3v_heatmap_is_drawn_over_the_hd_transformed_picture(offline, tiny_model_dirs, tmp_path, capsys):
+    """A 160 x 64 picture: the HD transform resizes it to 672 x 268 and pads it with white to
+    672 x 336 (34 px above, 34 below), 1 x 2 crops of 336 px; their 12 x 24 patches (28 px each)
+    are the first 288 prunable rows, drawn over that padded picture. The global view's 144
+    rows are not drawn, and the note says so."""
+    model_dir = tiny_model_dirs("phi3_v")
+    picture = random_image(5, 64, 160)
+    image_path = tmp_path / "wide.png"
+    picture.save(image_path)
+    question = "What is shown in this picture?"
+    out_dir = tmp_path / "out"
+    code, out, _ = run_cli(capsys, "--model", str(model_dir), "--trust-remote-code", "--image", str(image_path),
+                           "--question", question, "--output-dir", str(out_dir), "--repeats", "1",
+                           "--max-new-tokens", "2")
+    assert code == 0
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["architecture"] == "Phi3VForCausalLM" and report["config_source"] == "preset phi-3.5-vision"
+    image = report["images"][0]
+    # (1·2 + 1)·144 + 1 + (1 + 1)·12 rows: 12 newlines after the crops' rows, the global
+    # separator, 12 newlines after the global view's rows.
+    assert image["vision_tokens"] == 457 and image["prunable_tokens"] == 288 + 144 and image["grid_shape"] is None
+    assert image["kept_rows"] == image["num_keep"] + 25 == report["vision_tokens_kept"]
+
+    vlm = PrunedVLM.from_pretrained(model_dir, "phi-3.5-vision", trust_remote_code=True)
+    (decision,) = vlm.prune(vlm.process([picture], [question])).images[0]
+    kept = decision.kept_prunable
+    assert image["num_keep"] == int(kept.sum()) and image["importance_gap"] == pytest.approx(decision.decision.gap)
+    crops, global_view = kept[:288].reshape(12, 24).numpy(), kept[288:]
+    assert 0 < crops.sum() < 288
+    assert (f"not in the heatmap: the global view's 144 tokens (12 x 12 patches of the whole image, downscaled to "
+            f"336 px); {int(global_view.sum())} of 144 kept") in out
+    assert "heatmap: the 12 x 24 patch grid of the 672 x 336 px image" in out
+
+    hd = np.asarray(remote_hd_transform()(picture, hd_num=4)).astype(float)  # the processor's own
+    assert hd.shape == (336, 672, 3)
+    assert np.all(hd[:34] == 255) and np.all(hd[-34:] == 255) and not np.all(hd[34] == 255)  # the white bands
+    with Image.open(out_dir / "heatmap.png") as heatmap:
+        assert heatmap.size == plots.heatmap_figure_size((672, 336))
+    with Image.open(out_dir / "mask.png") as mask_png:
+        assert mask_png.size == (672, 336)
+        mask = np.asarray(mask_png.convert("RGB")).astype(float)
+    for r in range(12):
+        for c in range(24):
+            block = (slice(28 * r, 28 * r + 28), slice(28 * c, 28 * c + 28))
+            if crops[r, c]:
+                assert np.array_equal(mask[block], hd[block]), (r, c)
+            else:
+                assert mask[block].mean() <= 0.25 * hd[block].mean() + 1, (r, c)

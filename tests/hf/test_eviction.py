@@ -13,7 +13,7 @@ from asymvlm_vllm.hf import PrunedVLM
 from asymvlm_vllm.hf.attention import final_full_attention_layer, language_model_layers
 from asymvlm_vllm.hf.generation import EvictingCache, generate_from_prompt
 
-from .conftest import ALL_FAMILIES, random_image
+from .conftest import ALL_FAMILIES, random_image, sizes_for
 
 # Different lengths, so the batch is left-padded (Qwen2.5-VL: different image sizes too).
 QUESTIONS = ["Describe the image in one sentence.", "What is shown?"]
@@ -23,7 +23,8 @@ IDENTITY_TOKENS = 24
 
 
 def _inputs(vlm, samples=(0, 1)):
-    return vlm.process([random_image(i, *SIZES[i]) for i in samples], [QUESTIONS[i] for i in samples])
+    sizes = sizes_for(vlm, SIZES)
+    return vlm.process([random_image(i, *sizes[i]) for i in samples], [QUESTIONS[i] for i in samples])
 
 
 def _generate(vlm, prompt, policy=None, new_tokens=NEW_TOKENS, trace=False):
@@ -56,8 +57,13 @@ def plain_model(tiny_model_dirs):
 
     def get(family, attn="sdpa"):
         if (family, attn) not in cache:
-            model = AutoModelForImageTextToText.from_pretrained(tiny_model_dirs(family), attn_implementation=attn,
-                                                                local_files_only=True)
+            if family == "phi3_v":  # no transformers class: the project's, which loads without remote code
+                from asymvlm_vllm.hf.phi3v import load_phi3v
+
+                model = load_phi3v(tiny_model_dirs(family), attn_implementation=attn)
+            else:
+                model = AutoModelForImageTextToText.from_pretrained(tiny_model_dirs(family), attn_implementation=attn,
+                                                                    local_files_only=True)
             cache[family, attn] = model.eval()
         return cache[family, attn]
 

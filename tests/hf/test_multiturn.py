@@ -10,7 +10,7 @@ from asymvlm_vllm.core import AsymVLMError
 from asymvlm_vllm.core.eviction import MultiTurnEviction, ThresholdEviction
 from asymvlm_vllm.hf.multiturn import answer_token_spans, conversation_inputs, image_embeddings
 
-from .conftest import ALL_FAMILIES, random_image
+from .conftest import ALL_FAMILIES, random_image, sizes_for
 
 ANSWERS = [
     "A red square on a blue background.",
@@ -19,7 +19,7 @@ ANSWERS = [
 ]
 
 
-def _conversation(image_in_current_turn: bool = False):
+def _conversation(image_in_current_turn: bool = False, family: str = ""):
     """Three finished turns (images in the first and third) and the current question."""
     current = [{"type": "text", "text": "Which colour is the largest shape in the chart?"}]
     if image_in_current_turn:
@@ -33,16 +33,17 @@ def _conversation(image_in_current_turn: bool = False):
         {"role": "assistant", "content": ANSWERS[2]},
         {"role": "user", "content": current},
     ]
-    images = [random_image(i, 224, 224 + 28 * i) for i in range(3 if image_in_current_turn else 2)]
+    sizes = sizes_for(family, [(224, 224 + 28 * i) for i in range(3 if image_in_current_turn else 2)])
+    images = [random_image(i, *size) for i, size in enumerate(sizes)]
     return messages, images
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_answer_spans_are_exactly_the_answers(family, tiny_vlm):
     vlm = tiny_vlm(family)
-    messages, images = _conversation()
-    ids = conversation_inputs(vlm.processor, messages, images)["input_ids"][0]
-    spans = answer_token_spans(vlm.processor, messages, images, ids)
+    messages, images = _conversation(family=family)
+    ids = conversation_inputs(vlm.processor, messages, images, vlm.adapter)["input_ids"][0]
+    spans = answer_token_spans(vlm.processor, messages, images, ids, vlm.adapter)
     assert len(spans) == 3
     tokenizer = vlm.processor.tokenizer
     for (start, end), answer in zip(spans, ANSWERS):
@@ -52,20 +53,23 @@ def test_answer_spans_are_exactly_the_answers(family, tiny_vlm):
 
 
 def _relevance(vlm, messages, images, spans):
-    """Mean over an answer's tokens of its best cosine match among the image rows, here by hand."""
-    inputs = conversation_inputs(vlm.processor, messages, images)
+    """Mean over an answer's tokens of its best cosine match among the image rows, here by hand
+    (structural rows, Phi-3-V's separators, excluded: they carry no image content)."""
+    inputs = conversation_inputs(vlm.processor, messages, images, vlm.adapter)
     ids = inputs["input_ids"][0]
     with torch.inference_mode():
         tokens = vlm.model.get_input_embeddings()(ids[None])[0]
-        rows = torch.cat(vlm.adapter.image_features(vlm.model, inputs))  # every image: the current turn has none
+        features = vlm.adapter.image_features(vlm.model, inputs)
+        prunable = vlm.adapter.prunable_rows(vlm.model, inputs, features)
+        rows = torch.cat([f[m] for f, m in zip(features, prunable)])  # every image: the current turn has none
     cosine = F.normalize(tokens, dim=-1) @ F.normalize(rows, dim=-1).T
     return [float(cosine[a:b].max(dim=1).values.mean()) for a, b in spans]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "phi3_v"])
 def test_small_answer_budget_drops_the_least_similar_answers(family, tiny_vlm):
     vlm = tiny_vlm(family)
-    messages, images = _conversation()
+    messages, images = _conversation(family=family)
     base = vlm.chat(messages, images, max_new_tokens=4)
     spans = base.answer_spans
     lengths = [b - a for a, b in spans]
@@ -182,16 +186,16 @@ def test_turn_markers_find_the_same_spans_without_the_processor(family, tiny_vlm
     vlm = tiny_vlm(family)
     tokenizer = vlm.processor.tokenizer
 
-    def render(messages, add_generation_prompt):
-        return vlm.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    def render(messages, add_generation_prompt):  # Phi-3-V: string content, as vLLM renders it
+        return vlm.adapter.render(vlm.processor, messages, add_generation_prompt)
 
     def is_blank(token_id):
         return not tokenizer.decode([token_id]).strip()
 
     markers = learn_turn_markers(render, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], is_blank)
-    messages, images = _conversation(image_in_current_turn)
-    ids = conversation_inputs(vlm.processor, messages, images)["input_ids"][0]
-    expected = answer_token_spans(vlm.processor, messages, images, ids)
+    messages, images = _conversation(image_in_current_turn, family)
+    ids = conversation_inputs(vlm.processor, messages, images, vlm.adapter)["input_ids"][0]
+    expected = answer_token_spans(vlm.processor, messages, images, ids, vlm.adapter)
     assert find_answer_spans(ids.tolist(), markers, is_blank) == expected
     # Image placeholders are never inside an answer; a span that would overlap one is skipped.
     image = (ids == vlm.adapter.image_token_id(vlm.model)).nonzero().flatten().tolist()

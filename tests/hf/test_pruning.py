@@ -20,12 +20,13 @@ from asymvlm_vllm.core.positions import text_query_mask
 from asymvlm_vllm.hf import PrunedVLM, load_image
 from asymvlm_vllm.hf.families import adapter_for
 
-from .conftest import ALL_FAMILIES, random_image
+from .conftest import ALL_FAMILIES, random_image, sizes_for
 
 QUESTIONS = ["What is shown in this picture?", "Describe the image in one sentence please."]
 
 
 def _inputs(vlm, n=1, sizes=((224, 224), (160, 224))):
+    sizes = sizes_for(vlm, sizes)
     images = [random_image(i, *sizes[i % len(sizes)]) for i in range(n)]
     return vlm.process(images, QUESTIONS[:n])
 
@@ -53,7 +54,7 @@ def _hf_merged_embeds(vlm, inputs, b):
     """Independent of asymvlm's pruning code: HF's own feature merge for sample ``b``."""
     model = vlm.model
     ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
-    image_token = model.config.image_token_id
+    image_token = vlm.adapter.image_token_id(model)  # Phi-3-V's config has none: 32044, as vLLM writes it
     emb = model.get_input_embeddings()(ids.masked_fill(ids == image_token, 0)[None])[0]
     feats = vlm.adapter.image_features(model, inputs)
     rows = torch.cat(feats).to(emb.dtype)
@@ -114,7 +115,7 @@ def test_the_kept_set_is_what_the_core_selects(tiny_vlm, family):
         assert torch.equal(kept_ids[~(kept_ids == adapter.image_token_id(vlm.model))], ids[~vision])  # text untouched
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "gemma3", "phi3_v"])
 def test_pruned_logits_match_hf_on_the_same_rows_removed(tiny_vlm, family):
     """1-D RoPE: the pruned prompt is exactly HF's merged prompt with those rows deleted, at
     contiguous positions (HF's default positions for an unpadded prompt)."""
@@ -189,6 +190,7 @@ def test_a_batch_gets_different_kept_counts_and_matches_single_runs(tiny_vlm, fa
 
 
 def _inputs_single(vlm, b, sizes=((224, 224), (160, 224))):
+    sizes = sizes_for(vlm, sizes)
     return vlm.process([random_image(b, *sizes[b % len(sizes)])], [QUESTIONS[b]])
 
 

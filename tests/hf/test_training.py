@@ -74,6 +74,28 @@ def test_training_prompt_and_gradient_reach_only_w(vlm):
     assert discrepancy > 0 and weight.grad is not None and weight.grad.abs().sum() > 0
 
 
+def test_phi3v_training_prompt_masks_only_its_patches(tiny_vlm):
+    """Phi-3.5-Vision: the soft mask goes on the 432 patch rows of a 1 x 2-crop image, never on
+    its 25 separator rows, which (like every image row) are no loss position either."""
+    phi = tiny_vlm("phi3_v")
+    sample = Sample(_png(random_image(7, 64, 128)), QUESTIONS[0], (ANSWERS[0],), "synthetic#phi")
+    prompt = prepare_training_prompt(phi, sample)
+    answer = phi.processor.tokenizer(ANSWERS[0], add_special_tokens=False)["input_ids"]
+    length = prompt.inputs_embeds.shape[1]
+    assert len(prompt.vision) == 1 and prompt.vision[0].shape == (432, 128)
+    assert prompt.text_positions.numel() == length - 457
+    image_start = int(prompt.vision_positions[0][0])
+    newlines = [image_start + r * 25 + 24 for r in range(12)] + [image_start + 301 + r * 13 + 12 for r in range(12)]
+    separators = set(newlines) | {image_start + 300}
+    assert not separators & set(prompt.vision_positions[0].tolist()) and int(prompt.vision_positions[0][-1]) == image_start + 455
+    assert not separators & set(prompt.text_positions.tolist())
+    assert prompt.text_positions[-len(answer):].tolist() == list(range(length - len(answer), length))
+    weight = torch.ones(128, requires_grad=True)
+    loss, discrepancy = sample_loss(phi, prompt, weight, TrainingSettings())
+    loss.backward()
+    assert discrepancy > 0 and weight.grad is not None and weight.grad.abs().sum() > 0
+
+
 def test_training_leaves_the_model_untouched(vlm):
     parameters = dict(vlm.model.named_parameters())
     before = {name: p.detach().clone() for name, p in parameters.items()}
