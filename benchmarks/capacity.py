@@ -39,9 +39,10 @@ Reported per scenario, each also as a ratio to plain vLLM measured in the same r
   preemption included), ``preemptions`` and ``mean_finish_step``.
 
 Which resource binds depends on the load: with 10 output tokens and 8,192 batched tokens a step,
-prefill compute and the encoder cache (vLLM sizes it to ``max_num_batched_tokens``) bind before
-the KV pool does; ``--output-tokens 256`` makes the KV pool the limit; ``--encoder-cache-size``
-sets the encoder cache.
+the encoder's per-step budget (vLLM sizes it, and its cache, to ``max_num_batched_tokens``)
+binds before the KV pool does; ``--output-tokens 256`` makes the KV pool the limit. The AsymVLM
+scheduler adds two steps' encoder budget to the cache (room for the probes' full outputs beside
+the pruned copies); ``--encoder-cache-size`` sets one cache size for both sides instead.
 
     .venv/bin/python benchmarks/capacity.py [--quick] [--requests N] [--out FILE] [--png FILE]
 
@@ -159,6 +160,7 @@ def run_scenario(args, num_blocks: int, asymvlm_config: dict | None) -> dict:
                   for out in result.finished.values())
     return {
         "peak_running": result.peak_decoding,
+        "encoder_cache_size": sched.encoder_cache_manager.cache_size,
         "blocks_freed": int(evicted),
         "sustained_running": float(np.median(at_full_pool)) if at_full_pool else float(result.peak_decoding),
         "peak_running_queue": result.peak_running,
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--encoder-cache-size", type=int, default=None,
-                        help="encoder-cache capacity in embeddings (default: max-num-batched-tokens, as vLLM)")
+                        help="encoder-cache capacity in embeddings, the same for plain vLLM and the plugin (default: "
+                             "vLLM's, max-num-batched-tokens, plus the plugin's room for pruning, as in a real engine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json", help="JSON list the rows are appended to")
     parser.add_argument("--png", type=Path, default=RESULTS / "capacity.png")

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from vllm.multimodal.inputs import PlaceholderRange
+from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType
@@ -112,6 +113,7 @@ class AsymVLMScheduler(Scheduler):
         self._turn_markers: Any = None  # learned on the first multi-turn request; False: unavailable
         self.eviction_log: list[tuple[str, Any]] | None = None
         """Set to a list to record every applied eviction as (request id, runner choice)."""
+        self._grow_encoder_cache()
         self._text_full_group = 0
         self._text_groups = self._evictable_groups()
         if self._text_groups:
@@ -125,6 +127,27 @@ class AsymVLMScheduler(Scheduler):
         if self.asymvlm_config.vision.enabled and self._family is None and model_config is not None:
             logger.warning("AsymVLM: %s is not a supported architecture; requests run unpruned",
                            getattr(model_config.hf_config, "architectures", None))
+
+    def _grow_encoder_cache(self) -> None:
+        """Room for pruning's encoder outputs on top of what vLLM sizes the encoder cache for.
+
+        In steady state a step holds the full encoder outputs of the images it probes (up to
+        one step's encoder budget), the pruned copies of the requests decided one step earlier
+        that are prefilled now, and, from each decision until the runner has cut them in the
+        next step, new pruned copies beside the full outputs they come from: up to 1 + 2 x keep
+        budgets. In vLLM's default cache (one budget, ``max_num_batched_tokens`` embeddings)
+        they cannot fit, so probes wait for space and the queue drains in up to 1.7x plain
+        vLLM's steps (``benchmarks/capacity.py``). Two more budgets hold them at any keep
+        ratio, and the probes encode as many images per step as plain vLLM does. The runner's
+        encoder cache is a dict of tensors filled only as the scheduler admits; the extra room
+        costs at most ``2 x max_num_encoder_input_tokens x hidden`` values of device memory
+        (100 MB for Phi-3.5-V in bf16 at the default 8,192).
+        """
+        cache = self.encoder_cache_manager
+        if (not self.asymvlm_config.vision.enabled or self._family is None or not self.max_num_encoder_input_tokens
+                or type(cache) is not EncoderCacheManager or cache.cached):
+            return
+        self.encoder_cache_manager = EncoderCacheManager(cache.cache_size + 2 * self.max_num_encoder_input_tokens)
 
     # ------------------------------------------------------------------ bookkeeping
     def asymvlm_state(self, request_id: str) -> RequestPruning | None:

@@ -159,7 +159,9 @@ def build_scheduler(
         vLLM's scheduler settings of those names.
     encoder_cache_size, max_num_encoder_input_tokens : int or None
         Encoder-cache capacity and per-step encoder budget, in embeddings; default
-        ``max_num_batched_tokens`` each (vLLM's default for a model whose images fit one step).
+        ``max_num_batched_tokens`` each (vLLM's default for a model whose images fit one step),
+        and with AsymVLM the default cache grows by the scheduler's room for pruning, as in a
+        real engine. A given ``encoder_cache_size`` is the cache exactly, plugin or not.
     architecture : str or None
         Vision-language architecture the model claims for AsymVLM (see :func:`model_dir`).
     log_stats : bool
@@ -201,6 +203,8 @@ def build_scheduler(
     # The OPT config has no multimodal budget: give the scheduler the one a VLM would have.
     scheduler.max_num_encoder_input_tokens = max_num_encoder_input_tokens or max_num_batched_tokens
     scheduler.encoder_cache_manager = EncoderCacheManager(cache_size=encoder_cache_size or max_num_batched_tokens)
+    if asymvlm_config is not None and encoder_cache_size is None:
+        scheduler._grow_encoder_cache()  # as its __init__ does with a VLM's budget
     init_none_hash(sha256)
     scheduler.block_hasher = get_request_block_hasher(block_size, sha256)
     return scheduler
