@@ -45,6 +45,10 @@ class VisionPruningConfig(_Section):
     budget: BudgetRuleConfig = _DEFAULT_BUDGET
     min_keep: int = Field(default=1, ge=1, description="never keep fewer vision tokens per image")
     seed: int = Field(default=0, description="seed of the random ranker")
+    encoder_cache_room: int = Field(
+        default=2, ge=0, le=16,
+        description="encoder-cache room added to vLLM's, in steps of encoder budget: the probes' full outputs "
+                    "beside the pruned copies being prefilled (0: vLLM's size, probes may wait for space)")
 
     @model_validator(mode="after")
     def _ranker_matches_scorer(self) -> VisionPruningConfig:

@@ -138,16 +138,18 @@ class AsymVLMScheduler(Scheduler):
         budgets. In vLLM's default cache (one budget, ``max_num_batched_tokens`` embeddings)
         they cannot fit, so probes wait for space and the queue drains in up to 1.7x plain
         vLLM's steps (``benchmarks/capacity.py``). Two more budgets hold them at any keep
-        ratio, and the probes encode as many images per step as plain vLLM does. The runner's
+        ratio, and the probes encode as many images per step as plain vLLM does
+        (``vision.encoder_cache_room``, default 2; 0 keeps vLLM's size). The runner's
         encoder cache is a dict of tensors filled only as the scheduler admits; the extra room
         costs at most ``2 x max_num_encoder_input_tokens x hidden`` values of device memory
         (100 MB for Phi-3.5-V in bf16 at the default 8,192).
         """
         cache = self.encoder_cache_manager
+        room = self.asymvlm_config.vision.encoder_cache_room
         if (not self.asymvlm_config.vision.enabled or self._family is None or not self.max_num_encoder_input_tokens
-                or type(cache) is not EncoderCacheManager or cache.cached):
+                or not room or type(cache) is not EncoderCacheManager or cache.cached):
             return
-        self.encoder_cache_manager = EncoderCacheManager(cache.cache_size + 2 * self.max_num_encoder_input_tokens)
+        self.encoder_cache_manager = EncoderCacheManager(cache.cache_size + room * self.max_num_encoder_input_tokens)
 
     # ------------------------------------------------------------------ bookkeeping
     def asymvlm_state(self, request_id: str) -> RequestPruning | None:

@@ -40,7 +40,8 @@ the condition, and every engine's KV blocks must all come back.
 
 Engines (built on first use, all freed at module end): ``llava`` (uniform 0.5, 512 batched
 tokens), ``llava_small`` (the same config, 32 batched tokens with chunked prefill, so a 64-row
-encoder budget and encoder cache, a pool of 7 usable KV blocks and no prefix caching),
+encoder budget, vLLM's own 64-row encoder cache (``encoder_cache_room: 0``), a pool of 7 usable
+KV blocks and no prefix caching),
 ``gemma3`` and ``qwen2_5_vl``.
 Every scenario uses its own images, and caches are reset where a cached prefix or encoder output
 would make the comparison trivial.
@@ -216,7 +217,10 @@ class _Engines(EnginePool):
     def __call__(self, name: str):
         if name not in self.llms:
             family, overrides = ENGINES[name]
-            llm = self.build(name, family, PRUNE_HALF, KV_CACHE_BYTES, **overrides)
+            config = PRUNE_HALF
+            if name == "llava_small":  # vLLM's own encoder-cache size: pruned entries get evicted
+                config = {**PRUNE_HALF, "vision": {**PRUNE_HALF.get("vision", {}), "encoder_cache_room": 0}}
+            llm = self.build(name, family, config, KV_CACHE_BYTES, **overrides)
             self.free_blocks[name] = num_free_blocks(llm)
         return self.llms[name]
 
