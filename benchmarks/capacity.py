@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json", help="JSON list the rows are appended to")
     parser.add_argument("--png", type=Path, default=RESULTS / "capacity.png")
+    parser.add_argument("--allow-dirty", action="store_true", help="write to benchmarks/results from a dirty tree")
     args = parser.parse_args(argv)
     scenarios = SCENARIOS
     args.structural_rows, args.separators = None, 0
@@ -326,6 +327,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         num_blocks = args.num_blocks or 8 * per_request + 1
 
     env = _environment()
+    from common import refuse_dirty_results
+
+    refuse_dirty_results((args.out, args.png), env.get("dirty"), args.allow_dirty, "benchmarks/capacity.py")
     common = {**env, "requests": args.requests, "num_blocks": num_blocks, "block_size": args.block_size,
               "image_tokens": args.image_tokens, "separator_rows": args.separators,
               "image": args.image if args.structural_rows is not None else None,

@@ -104,6 +104,16 @@ def checkout() -> dict:
         return {"commit": os.environ.get("ASYMVLM_BENCH_COMMIT", "unknown"), "dirty": None}  # copies without .git
 
 
+def refuse_dirty_results(paths, dirty: bool | None, allow_dirty: bool, script: str) -> None:
+    """Stop before a benchmark writes rows under ``benchmarks/results`` from a tree with
+    uncommitted changes (their commit would not be the code that ran), unless allowed."""
+    results = (Path(__file__).resolve().parent / "results").resolve()
+    if dirty and not allow_dirty and any(results == Path(p).resolve().parent or results in Path(p).resolve().parents
+                                         for p in paths):
+        raise SystemExit(f"{script}: the tree has uncommitted changes; commit them, pass --allow-dirty (the rows "
+                         "then say dirty: true), or write elsewhere (--out/--png)")
+
+
 def environment(device: str) -> dict:
     import torch
     import triton

@@ -1,0 +1,374 @@
+"""Serving throughput as vLLM users measure it: plain ``vllm serve`` against ``vllm serve --plugin
+asymvlm``, both driven by vLLM's own load generator (``vllm bench serve``) in the same run.
+
+For each memory regime, plain vLLM and then the plugin are started with identical flags on
+127.0.0.1, one after the other; each serves every concurrency level with
+``vllm bench serve --backend openai-chat --endpoint /v1/chat/completions --dataset-name random-mm``
+(one image per request, fixed size, fixed input and output lengths, ``--ignore-eos``). The seed
+differs per concurrency level and is the same for both sides, so the two servers see the same
+requests and no level reuses another's prefixes or images (no cache inflates either side).
+While a level runs, ``/metrics`` is sampled: peak KV-cache usage, preemptions and, for the
+plugin, the vision tokens kept. Every server is stopped, also on failure.
+
+Regimes: ``relaxed`` (the engine's own KV pool) and ``tight`` (``--num-gpu-blocks-override
+--tight-blocks``, a pool that holds a few requests). Rows carry req/s, output tok/s, TTFT, TPOT
+and ITL (mean, p50, p99), each also as a ratio to plain vLLM at the same regime and
+concurrency, plus the commit, whether the tree was dirty, the device, versions and every flag.
+
+    python benchmarks/serve.py --model /models/llava-1.5-7b-hf [--concurrency 1 8 32]
+    python benchmarks/serve.py --cpu-test-engine            # tiny random LLaVA on CPU (test op stand-ins)
+    python benchmarks/serve.py --smoke                      # what CI runs: a handful of requests
+
+On CPU (``--cpu-test-engine``) the servers run vLLM's CPU engine with the test suite's pure-torch
+stand-ins for vLLM's compiled ops (``tests/engine/cpu_shim``, benchmark-only), on a tiny
+random-weight model unless ``--model`` is given: the ratios then measure per-request overheads,
+not what pruning saves on a real model. With random weights, scores (and adaptive keep ratios)
+say nothing about real images; pass ``--keep-ratio`` for a fixed keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import checkout, refuse_dirty_results  # noqa: E402
+
+LATENCY_KEYS = ("ttft", "tpot", "itl")
+RATIO_KEYS = ("request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
+              "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms")
+CPU_SERVE_FLAGS = ("--enforce-eager", "--dtype", "float32", "--block-size", "32",
+                   "--compilation-config", '{"custom_ops": ["none"]}')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics_sample(url: str) -> dict[str, float]:
+    """Every sample on ``/metrics``, by name with labels."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def metric(sample: dict[str, float], name: str) -> float:
+    """Sum of ``name``'s samples over their labels."""
+    return sum(v for k, v in sample.items() if k == name or k.startswith(name + "{"))
+
+
+class Server:
+    """One ``vllm serve`` process group."""
+
+    def __init__(self, model: str, flags: list[str], env: dict, log: Path, startup_timeout: float):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--host", "127.0.0.1",
+                        "--port", str(self.port), *flags]
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(self.command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self._wait(startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.process.returncode}; log tail:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vllm serve not healthy after {timeout:.0f} s; log tail:\n{self.tail()}")
+            time.sleep(1)
+
+    def tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError as e:
+            return f"(no log: {e})"
+
+    def stop(self) -> None:
+        """SIGTERM to the process group (API server, engine core, workers), then SIGKILL."""
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def sampling(url: str, period: float = 0.5):
+    """Samples ``/metrics`` while the block runs: yields a dict that gets ``peak_kv_usage`` and
+    the first and last samples."""
+    result: dict = {"peak_kv_usage": 0.0}
+    done = threading.Event()
+
+    def loop():
+        while not done.is_set():
+            try:
+                sample = metrics_sample(url)
+                result["peak_kv_usage"] = max(result["peak_kv_usage"], metric(sample, "vllm:kv_cache_usage_perc"))
+            except Exception:  # a busy server may answer late; the next sample counts
+                pass
+            done.wait(period)
+
+    result["before"] = metrics_sample(url)
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join(timeout=30)
+        result["after"] = metrics_sample(url)
+
+
+def bench_command(args, server: Server, concurrency: int, seed: int, out_dir: Path, name: str) -> list[str]:
+    height, width = _hw(args.image)
+    xargs = {}
+    if args.keep_ratio is not None:
+        xargs["asymvlm_keep_ratio"] = args.keep_ratio
+    if args.text_budget is not None:
+        xargs["asymvlm_text_budget"] = args.text_budget
+    command = [
+        str(Path(sys.executable).with_name("vllm")), "bench", "serve",
+        "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", server.url,
+        "--model", args.model_name, "--tokenizer", args.model_dir,
+        "--dataset-name", "random-mm", "--random-input-len", str(args.input_len),
+        "--random-output-len", str(args.output_len), "--random-range-ratio", "0",
+        "--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
+        "--random-mm-limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
+        "--random-mm-bucket-config", str({(height, width, 1): 1.0}),
+        "--num-prompts", str(args.num_prompts or max(4 * concurrency, 16)), "--max-concurrency", str(concurrency),
+        "--seed", str(seed), "--ignore-eos", "--temperature", "0", "--disable-tqdm",
+        "--percentile-metrics", ",".join(LATENCY_KEYS), "--metric-percentiles", "50,99",
+        "--save-result", "--result-dir", str(out_dir), "--result-filename", name,
+    ]
+    # Random weights emit special tokens too; skipped, they would stream as empty deltas, which the
+    # load generator does not time as tokens (TTFT would include them, TPOT and ITL would not).
+    body = {"skip_special_tokens": False, **({"vllm_xargs": xargs} if xargs else {})}
+    command += ["--extra-body", json.dumps(body)]
+    if args.trust_remote_code:
+        command.append("--trust-remote-code")
+    return command
+
+
+def _hw(image: str) -> tuple[int, int]:
+    width, height = (int(x) for x in image.lower().split("x"))
+    return height, width
+
+
+def run_level(args, server: Server, concurrency: int, seed: int, work: Path, label: str, env: dict) -> dict:
+    name = f"{label}-c{concurrency}.json"
+    command = bench_command(args, server, concurrency, seed, work, name)
+    with sampling(server.url) as sampled:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.level_timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    result = json.loads((work / name).read_text())
+    before, after = sampled["before"], sampled["after"]
+    tokens = metric(after, "asymvlm_vision_tokens_total") - metric(before, "asymvlm_vision_tokens_total")
+    kept = metric(after, "asymvlm_vision_tokens_kept_total") - metric(before, "asymvlm_vision_tokens_kept_total")
+    row = {key: result.get(key) for key in RATIO_KEYS}
+    row.update(completed=result.get("completed"), failed=result.get("failed", 0), duration_s=result.get("duration"),
+               num_prompts=result.get("num_prompts", result.get("completed")),
+               peak_kv_usage=sampled["peak_kv_usage"],
+               preemptions=metric(after, "vllm:num_preemptions_total") - metric(before, "vllm:num_preemptions_total"),
+               vision_tokens=tokens or None, kept_ratio=(kept / tokens) if tokens else None)
+    return row
+
+
+def environment(args) -> dict:
+    import torch
+    import transformers
+    import vllm
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_test_engine else \
+        f"cpu ({os.cpu_count()} cores, test op stand-ins)"
+    return {**checkout(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device,
+            "vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": sys.version.split()[0]}
+
+
+def save_chart(rows: list[dict], path: Path) -> Path:
+    """Request throughput and mean TTFT against concurrency, plain vs plugin, per regime (PNG)."""
+    from PIL import Image, ImageDraw
+
+    regimes = sorted({r["regime"] for r in rows})
+    panels = [(regime, key) for regime in regimes for key in ("request_throughput", "mean_ttft_ms")]
+    width, height, pad = 420, 300, 50
+    img = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(img)
+    colors = {"plain vLLM": (90, 90, 90), "AsymVLM": (214, 39, 40)}
+    for p, (regime, key) in enumerate(panels):
+        x0 = p * width
+        sub = [r for r in rows if r["regime"] == regime and r.get(key) is not None]
+        if not sub:
+            continue
+        levels = sorted({r["concurrency"] for r in sub})
+        top = max(r[key] for r in sub) * 1.15 or 1.0
+
+        def xy(level, value):
+            i = levels.index(level)
+            x = x0 + pad + (i / max(1, len(levels) - 1)) * (width - 2 * pad)
+            return x, height - pad - value / top * (height - 2 * pad)
+
+        draw.text((x0 + pad, 10), f"{regime}: {key.replace('_', ' ')}", fill="black")
+        draw.line([(x0 + pad, height - pad), (x0 + width - pad, height - pad)], fill="black")
+        draw.line([(x0 + pad, pad), (x0 + pad, height - pad)], fill="black")
+        draw.text((x0 + 4, pad - 12), f"{top:.3g}", fill="black")
+        for level in levels:
+            x, _ = xy(level, 0)
+            draw.text((x - 6, height - pad + 6), str(level), fill="black")
+        draw.text((x0 + width // 2 - 30, height - 20), "concurrency", fill="black")
+        for side, color in colors.items():
+            points = [xy(r["concurrency"], r[key]) for r in sorted(sub, key=lambda r: r["concurrency"]) if r["side"] == side]
+            if len(points) > 1:
+                draw.line(points, fill=color, width=2)
+            for x, y in points:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        for i, (side, color) in enumerate(colors.items()):
+            draw.text((x0 + width - pad - 90, pad + 14 * i), side, fill=color)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="benchmarks/serve.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="local model directory (default with --cpu-test-engine: a tiny random LLaVA)")
+    parser.add_argument("--cpu-test-engine", action="store_true",
+                        help="vLLM's CPU engine with the test op stand-ins (tests/engine/cpu_shim)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CI: --cpu-test-engine, concurrency 2, 4 prompts, relaxed regime only")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(16, 4 x concurrency))")
+    parser.add_argument("--input-len", type=int, default=24, help="text tokens per request")
+    parser.add_argument("--output-len", type=int, default=16)
+    parser.add_argument("--image", default="64x64", metavar="WxH", help="random-mm image size (default 64x64)")
+    parser.add_argument("--regimes", nargs="+", choices=("relaxed", "tight"), default=["relaxed", "tight"])
+    parser.add_argument("--tight-blocks", type=int, default=64, help="KV blocks of the tight regime")
+    parser.add_argument("--asymvlm-config", default=None, help="--asymvlm-config of the plugin server")
+    parser.add_argument("--keep-ratio", type=float, default=None, help="per-request asymvlm_keep_ratio")
+    parser.add_argument("--text-budget", type=int, default=None, help="per-request asymvlm_text_budget")
+    parser.add_argument("--trust-remote-code", action="store_true", help="both servers and the load generator")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="one more `vllm serve` argument for both servers (repeat it; --serve-arg=--flag)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--startup-timeout", type=float, default=900)
+    parser.add_argument("--level-timeout", type=float, default=1800)
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve.json", help="JSON list the rows are appended to")
+    parser.add_argument("--png", type=Path, default=RESULTS / "serve.png")
+    parser.add_argument("--allow-dirty", action="store_true", help="write to benchmarks/results from a dirty tree")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.cpu_test_engine = True
+        args.concurrency, args.num_prompts, args.regimes = [2], 4, ["relaxed"]
+        args.output_len = min(args.output_len, 4)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    env_info = environment(args)
+    refuse_dirty_results((args.out, args.png), env_info["dirty"], args.allow_dirty, "benchmarks/serve.py")
+    work = Path(tempfile.mkdtemp(prefix="asymvlm-serve-"))
+    env = dict(os.environ)
+    serve_flags = [*args.serve_arg]
+    if args.cpu_test_engine:
+        from tests.engine.helpers import subprocess_env
+
+        env = subprocess_env()
+        serve_flags = [*CPU_SERVE_FLAGS, *serve_flags]
+        if args.model is None:
+            from asymvlm_vllm.hf.tiny import build_tiny_model
+
+            args.model = str(build_tiny_model("llava", work / "tiny-llava"))
+    if args.model is None:
+        raise SystemExit("benchmarks/serve.py: give --model DIR (or --cpu-test-engine for a tiny model on CPU)")
+    args.model_dir = args.model_name = str(Path(args.model).resolve())
+    if args.trust_remote_code:
+        serve_flags.append("--trust-remote-code")
+    plugin_flags = ["--plugin", "asymvlm"] + (["--asymvlm-config", args.asymvlm_config] if args.asymvlm_config else [])
+    common = {**env_info, "model": args.model, "input_len": args.input_len, "output_len": args.output_len,
+              "image": args.image, "keep_ratio_option": args.keep_ratio, "text_budget_option": args.text_budget,
+              "asymvlm_config": args.asymvlm_config, "serve_flags": serve_flags, "smoke": args.smoke,
+              "seed": args.seed}
+    rows: list[dict] = []
+    for regime in args.regimes:
+        regime_flags = ["--num-gpu-blocks-override", str(args.tight_blocks)] if regime == "tight" else []
+        for side, flags in (("plain vLLM", []), ("AsymVLM", plugin_flags)):
+            label = f"{regime}-{'plain' if not flags else 'plugin'}"
+            server = Server(args.model, [*flags, *serve_flags, *regime_flags], env, work / f"{label}.log",
+                            args.startup_timeout)
+            try:
+                for level, concurrency in enumerate(args.concurrency):
+                    row = run_level(args, server, concurrency, args.seed + 1000 * level, work, label, env)
+                    rows.append({**common, "regime": regime, "side": side, "concurrency": concurrency,
+                                 "server_flags": server.command[5:], **row})
+                    print(f"{regime:>7} {side:>10} c={concurrency:<3} {row['request_throughput']:.3f} req/s  "
+                          f"TTFT {row['mean_ttft_ms']:.1f} ms  TPOT {row['mean_tpot_ms']:.1f} ms  "
+                          f"kept {row['kept_ratio'] if row['kept_ratio'] is not None else '-'}", flush=True)
+            finally:
+                server.stop()
+    for row in rows:
+        base = next(r for r in rows if r["side"] == "plain vLLM" and r["regime"] == row["regime"]
+                    and r["concurrency"] == row["concurrency"])
+        for key in RATIO_KEYS:
+            row[f"{key}_ratio"] = row[key] / base[key] if row[key] is not None and base[key] else None
+    print(f"\n{'regime':>7} | {'concurrency':>11} | req/s ratio | out tok/s ratio | TTFT ratio | TPOT ratio | ITL ratio | kept")
+    for row in rows:
+        if row["side"] == "AsymVLM":
+            print(f"{row['regime']:>7} | {row['concurrency']:>11} | {row['request_throughput_ratio']:11.2f} | "
+                  f"{row['output_throughput_ratio']:15.2f} | {row['mean_ttft_ms_ratio']:10.2f} | "
+                  f"{row['mean_tpot_ms_ratio']:10.2f} | {row['mean_itl_ms_ratio']:9.2f} | {row['kept_ratio']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(args.out.read_text()) if args.out.exists() else []
+    args.out.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    save_chart(rows, args.png)
+    print(f"wrote {len(rows)} rows to {args.out} and a chart to {args.png}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
