@@ -15,7 +15,11 @@ of N rows without separators instead. The model runner is
 token per finished prefill or decode step and answers each probe with a keep set, either a
 fixed keep ratio (``uniform`` budget rule) or *adaptive*: the default
 :class:`~asymvlm_vllm.core.budget.ThresholdBudget` of ``asymvlm_vllm.core.config`` applied
-to importance gaps drawn from the paper's N(0.218, 0.047).
+to importance gaps that a real ranker produced, drawn (with replacement, seeded) from a file
+written by ``benchmarks/measure_gaps.py`` (``--gaps``; default the one shipped in
+``benchmarks/results``, measured on the tiny random Phi-3.5-V, whose provenance each row
+records). ``--gaps paper`` draws from N(0.218, 0.047) instead, the distribution the default
+thresholds were cut from (so it only shows the rule's mechanics).
 
 KV pool (vLLM's ``gpu_memory_utilization`` share of the GPU, less the weights)::
 
@@ -71,9 +75,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # before vLLM is imported: no GPU needed
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GAPS = RESULTS / "gaps_tiny_phi3v.json"
 
 # Phi-3.5-vision-instruct's language model (Phi-3-mini).
 LAYERS, KV_HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE, DTYPE_BYTES = 32, 32, 96, 3072, 8192, 2
@@ -95,7 +102,7 @@ SCENARIOS = [
     ("keep 75%", {"vision": {"budget": {"rule": "uniform", "ratio": 0.75}}}, 0.75),
     ("keep 65%", {"vision": {"budget": {"rule": "uniform", "ratio": 0.65}}}, 0.65),
     ("keep 50%", {"vision": {"budget": {"rule": "uniform", "ratio": 0.5}}}, 0.5),
-    ("adaptive", {}, None),  # the default ThresholdBudget, gaps from the paper's distribution
+    ("adaptive", {}, None),  # the default ThresholdBudget on measured gaps (--gaps)
 ]
 EVICTION_BUDGET = 90  # the paper's LLaVA-Bench setting
 DECODE_SCENARIOS = [
@@ -116,7 +123,7 @@ def run_scenario(args, num_blocks: int, asymvlm_config: dict | None) -> dict:
                             max_num_seqs=args.max_num_seqs, encoder_cache_size=args.encoder_cache_size,
                             max_model_len=args.image_tokens + args.text_tokens + args.output_tokens + 16)
     runner = SimulatedRunner(sched, keep_ratio=None if asymvlm_config is not None else 1.0, rng_seed=args.seed,
-                             structural_rows=args.structural_rows)
+                             structural_rows=args.structural_rows, **args.gap_model)
     rng = np.random.default_rng(args.seed)
     requests = []
     for i in range(args.requests):
@@ -300,7 +307,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json", help="JSON list the rows are appended to")
     parser.add_argument("--png", type=Path, default=RESULTS / "capacity.png")
     parser.add_argument("--allow-dirty", action="store_true", help="write to benchmarks/results from a dirty tree")
+    parser.add_argument("--gaps", default=str(GAPS), metavar="FILE|paper",
+                        help="adaptive: importance gaps written by benchmarks/measure_gaps.py (default: measured on the "
+                             "tiny Phi-3.5-V), or 'paper' for N(0.218, 0.047)")
     args = parser.parse_args(argv)
+    args.gap_model, gap_source = {}, {"gaps": "paper N(0.218, 0.047)"}
+    if args.gaps != "paper" and args.workload == "vqa":
+        measured = json.loads(Path(args.gaps).read_text())
+        values = np.asarray(measured["gaps"], dtype=np.float64)
+        args.gap_model = {"gap_model": lambda rng, v=values: float(v[rng.integers(len(v))])}
+        gap_source = {"gaps": str(args.gaps), "gaps_model": measured.get("model"),
+                      "gaps_commit": measured.get("commit"), "gaps_mean": float(values.mean()),
+                      "gaps_std": float(values.std()), "gaps_count": int(values.size)}
     scenarios = SCENARIOS
     args.structural_rows, args.separators = None, 0
     if args.workload == "vqa" and args.image_tokens is None:
@@ -337,7 +355,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "text_tokens": args.text_tokens, "output_tokens": args.output_tokens,
               "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs,
               "encoder_cache_size": args.encoder_cache_size or args.max_num_batched_tokens, "quick": args.quick,
-              "workload": args.workload, "eviction_budget": EVICTION_BUDGET if args.workload == "decode" else None}
+              "workload": args.workload, "eviction_budget": EVICTION_BUDGET if args.workload == "decode" else None,
+              **gap_source}
     rows = []
     for name, config, ratio in scenarios:
         metrics = run_scenario(args, num_blocks, config)
