@@ -181,6 +181,7 @@ def bench_command(args, server: Server, concurrency: int, seed: int, out_dir: Pa
         "--random-mm-bucket-config", str({(height, width, 1): 1.0}),
         "--num-prompts", str(args.num_prompts or max(4 * concurrency, 16)), "--max-concurrency", str(concurrency),
         "--seed", str(seed), "--ignore-eos", "--temperature", "0", "--disable-tqdm",
+        "--num-warmups", str(args.num_warmups if args.num_warmups is not None else concurrency),
         "--percentile-metrics", ",".join(LATENCY_KEYS), "--metric-percentiles", "50,99",
         "--save-result", "--result-dir", str(out_dir), "--result-filename", name,
     ]
@@ -287,7 +288,12 @@ def parse_args(argv):
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--image", default="64x64", metavar="WxH", help="random-mm image size (default 64x64)")
     parser.add_argument("--regimes", nargs="+", choices=("relaxed", "tight"), default=["relaxed", "tight"])
-    parser.add_argument("--tight-blocks", type=int, default=64, help="KV blocks of the tight regime")
+    parser.add_argument("--tight-blocks", type=int, default=64,
+                        help="KV blocks of the tight regime; they must hold one --max-model-len request")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="both servers (default: the model's; 512 with --cpu-test-engine)")
+    parser.add_argument("--num-warmups", type=int, default=None,
+                        help="warm-up requests per level, not timed (default: the concurrency)")
     parser.add_argument("--asymvlm-config", default=None, help="--asymvlm-config of the plugin server")
     parser.add_argument("--keep-ratio", type=float, default=None, help="per-request asymvlm_keep_ratio")
     parser.add_argument("--text-budget", type=int, default=None, help="per-request asymvlm_text_budget")
@@ -320,6 +326,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         env = subprocess_env()
         serve_flags = [*CPU_SERVE_FLAGS, *serve_flags]
+        if args.max_model_len is None:
+            args.max_model_len = 512
         if args.model is None:
             from asymvlm_vllm.hf.tiny import build_tiny_model
 
@@ -329,11 +337,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.model_dir = args.model_name = str(Path(args.model).resolve())
     if args.trust_remote_code:
         serve_flags.append("--trust-remote-code")
+    if args.max_model_len is not None:
+        serve_flags += ["--max-model-len", str(args.max_model_len)]
     plugin_flags = ["--plugin", "asymvlm"] + (["--asymvlm-config", args.asymvlm_config] if args.asymvlm_config else [])
     common = {**env_info, "model": args.model, "input_len": args.input_len, "output_len": args.output_len,
               "image": args.image, "keep_ratio_option": args.keep_ratio, "text_budget_option": args.text_budget,
               "asymvlm_config": args.asymvlm_config, "serve_flags": serve_flags, "smoke": args.smoke,
-              "seed": args.seed}
+              "seed": args.seed, "tight_blocks": args.tight_blocks if "tight" in args.regimes else None}
     rows: list[dict] = []
     for regime in args.regimes:
         regime_flags = ["--num-gpu-blocks-override", str(args.tight_blocks)] if regime == "tight" else []
