@@ -104,6 +104,18 @@ def checkout() -> dict:
         return {"commit": os.environ.get("ASYMVLM_BENCH_COMMIT", "unknown"), "dirty": None}  # copies without .git
 
 
+def metrics_sample(url: str) -> dict[str, float]:
+    """Every sample on a vLLM server's ``/metrics`` (vLLM's and AsymVLM's), by name with labels."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def refuse_dirty_results(paths, dirty: bool | None, allow_dirty: bool, script: str) -> None:
     """Stop before a benchmark writes rows under ``benchmarks/results`` from a tree with
     uncommitted changes (their commit would not be the code that ran), unless allowed."""

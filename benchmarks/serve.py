@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import checkout, refuse_dirty_results  # noqa: E402
+from benchmarks.common import checkout, metrics_sample, refuse_dirty_results  # noqa: E402
 
 LATENCY_KEYS = ("ttft", "tpot", "itl")
 RATIO_KEYS = ("request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
@@ -59,18 +59,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def metrics_sample(url: str) -> dict[str, float]:
-    """Every sample on ``/metrics``, by name with labels."""
-    import httpx
-
-    out = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def metric(sample: dict[str, float], name: str) -> float:
@@ -345,22 +333,47 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "asymvlm_config": args.asymvlm_config, "serve_flags": serve_flags, "smoke": args.smoke,
               "seed": args.seed, "tight_blocks": args.tight_blocks if "tight" in args.regimes else None}
     rows: list[dict] = []
-    for regime in args.regimes:
-        regime_flags = ["--num-gpu-blocks-override", str(args.tight_blocks)] if regime == "tight" else []
-        for side, flags in (("plain vLLM", []), ("AsymVLM", plugin_flags)):
-            label = f"{regime}-{'plain' if not flags else 'plugin'}"
-            server = Server(args.model, [*flags, *serve_flags, *regime_flags], env, work / f"{label}.log",
-                            args.startup_timeout)
-            try:
-                for level, concurrency in enumerate(args.concurrency):
-                    row = run_level(args, server, concurrency, args.seed + 1000 * level, work, label, env)
-                    rows.append({**common, "regime": regime, "side": side, "concurrency": concurrency,
-                                 "server_flags": server.command[5:], **row})
-                    print(f"{regime:>7} {side:>10} c={concurrency:<3} {row['request_throughput']:.3f} req/s  "
-                          f"TTFT {row['mean_ttft_ms']:.1f} ms  TPOT {row['mean_tpot_ms']:.1f} ms  "
-                          f"kept {row['kept_ratio'] if row['kept_ratio'] is not None else '-'}", flush=True)
-            finally:
-                server.stop()
+    try:
+        for regime in args.regimes:
+            rows += run_regime(args, regime, plugin_flags, serve_flags, env, work, common)
+    finally:  # the regimes measured so far are kept, each with both sides
+        if rows:
+            write(args, rows)
+    return rows
+
+
+def tight_flags(args, serve_flags: list[str]) -> list[str]:
+    """A pool of ``--tight-blocks`` blocks, and a context that fits it (vLLM keeps one block back)."""
+    block = int(serve_flags[serve_flags.index("--block-size") + 1]) if "--block-size" in serve_flags else 16
+    fits = (args.tight_blocks - 1) * block
+    if args.max_model_len is not None and args.max_model_len <= fits:
+        return ["--num-gpu-blocks-override", str(args.tight_blocks)]
+    if fits < args.input_len + args.output_len:
+        raise SystemExit(f"benchmarks/serve.py: --tight-blocks {args.tight_blocks} of {block} tokens hold no request")
+    return ["--num-gpu-blocks-override", str(args.tight_blocks), "--max-model-len", str(fits)]
+
+
+def run_regime(args, regime: str, plugin_flags, serve_flags, env, work: Path, common: dict) -> list[dict]:
+    rows = []
+    regime_flags = tight_flags(args, serve_flags) if regime == "tight" else []
+    for side, flags in (("plain vLLM", []), ("AsymVLM", plugin_flags)):
+        label = f"{regime}-{'plain' if not flags else 'plugin'}"
+        server = Server(args.model, [*flags, *serve_flags, *regime_flags], env, work / f"{label}.log",
+                        args.startup_timeout)
+        try:
+            for level, concurrency in enumerate(args.concurrency):
+                row = run_level(args, server, concurrency, args.seed + 1000 * level, work, label, env)
+                rows.append({**common, "regime": regime, "side": side, "concurrency": concurrency,
+                             "server_flags": server.command[5:], **row})
+                print(f"{regime:>7} {side:>10} c={concurrency:<3} {row['request_throughput']:.3f} req/s  "
+                      f"TTFT {row['mean_ttft_ms']:.1f} ms  TPOT {row['mean_tpot_ms']:.1f} ms  "
+                      f"kept {row['kept_ratio'] if row['kept_ratio'] is not None else '-'}", flush=True)
+        finally:
+            server.stop()
+    return rows
+
+
+def write(args, rows: list[dict]) -> None:
     for row in rows:
         base = next(r for r in rows if r["side"] == "plain vLLM" and r["regime"] == row["regime"]
                     and r["concurrency"] == row["concurrency"])
@@ -377,7 +390,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.write_text(json.dumps(existing + rows, indent=1) + "\n")
     save_chart(rows, args.png)
     print(f"wrote {len(rows)} rows to {args.out} and a chart to {args.png}")
-    return rows
 
 
 if __name__ == "__main__":

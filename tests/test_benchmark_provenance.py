@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).parents[1]
+from tests.scripts import BENCHMARKS, load_script
+
+RESULTS = BENCHMARKS / "results"
 
 
 def _common():
-    spec = importlib.util.spec_from_file_location("benchmarks_common", REPO / "benchmarks" / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-RESULTS = REPO / "benchmarks" / "results"
+    return load_script(BENCHMARKS / "common.py")
 
 
 @pytest.mark.parametrize("paths", [(RESULTS / "serve.json",), (Path("/tmp/x.json"), RESULTS / "sub" / "x.png")])

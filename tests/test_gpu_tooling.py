@@ -4,22 +4,17 @@ non-CUDA steps are rehearsed with ``ASYMVLM_GPU_REHEARSAL=1``, see ``benchmarks/
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-GPU = Path(__file__).parents[1] / "benchmarks" / "gpu"
+from tests.scripts import BENCHMARKS, load_script
+
+GPU = BENCHMARKS / "gpu"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"asymvlm_gpu_{name}", GPU / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(GPU / f"{name}.py", f"asymvlm_gpu_{name}")
 
 
 def test_standins_compute_what_the_compiled_ops_do():

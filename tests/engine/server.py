@@ -81,14 +81,9 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """Every sample on ``/metrics`` (vLLM's and AsymVLM's), by name with labels."""
-        import httpx
+        from benchmarks.common import metrics_sample
 
-        out = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return metrics_sample(self.url)
 
     def alive(self) -> bool:
         import httpx

@@ -3,12 +3,9 @@ tiny model, driven by ``vllm bench serve``; JSON rows for both sides with every 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-BENCHMARK = Path(__file__).parents[2] / "benchmarks" / "serve.py"
+from tests.scripts import BENCHMARKS, load_script
 
 FIELDS = {
     "commit", "dirty", "date", "device", "vllm", "torch", "transformers", "model", "regime", "side", "concurrency",
@@ -20,10 +17,7 @@ FIELDS = {
 
 
 def test_smoke_serves_both_sides_and_writes_every_field(tmp_path):
-    spec = importlib.util.spec_from_file_location("serve_benchmark", BENCHMARK)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_script(BENCHMARKS / "serve.py")
     out, png = tmp_path / "serve.json", tmp_path / "serve.png"
     bench.main(["--smoke", "--keep-ratio", "0.5", "--out", str(out), "--png", str(png)])
     plain, plugin = json.loads(out.read_text())

@@ -1,22 +1,17 @@
 """``benchmarks/capacity.py --quick`` stays runnable and shows what pruning is for: on a KV-bound
 load, keeping half the vision tokens lets more requests run at once than plain vLLM."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import vllm.v1.core.sched.scheduler  # noqa: F401  (imported at collection: the test times the run, not the import)
 
-BENCHMARK = Path(__file__).parents[2] / "benchmarks" / "capacity.py"
+from tests.scripts import BENCHMARKS, load_script
+
+BENCHMARK = BENCHMARKS / "capacity.py"
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("capacity_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCHMARK, "capacity_benchmark")
 
 
 def test_kv_pool_formula_for_phi35_vision_on_an_h200():
