@@ -8,7 +8,7 @@ For each memory regime, plain vLLM and then the plugin are started with identica
 differs per concurrency level and is the same for both sides, so the two servers see the same
 requests and no level reuses another's prefixes or images (no cache inflates either side).
 While a level runs, ``/metrics`` is sampled: peak KV-cache usage, preemptions and, for the
-plugin, the vision tokens kept. Every server is stopped, also on failure.
+plugin, the vision tokens kept (these count the load generator's warm-up requests too). Every server is stopped, also on failure.
 
 Regimes: ``relaxed`` (the engine's own KV pool) and ``tight`` (``--num-gpu-blocks-override
 --tight-blocks``, a pool that holds a few requests). Rows carry req/s, output tok/s, TTFT, TPOT
