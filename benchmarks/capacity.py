@@ -66,11 +66,9 @@ so every number reported is the same for any choice.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -206,17 +204,6 @@ def phi3v_image(width: int, height: int, num_crops: int) -> tuple[int, list[int]
     return tokens, layout.separator_mask().nonzero().flatten().tolist()
 
 
-def _environment() -> dict:
-    import vllm
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import checkout
-
-    return {"device": f"cpu ({os.cpu_count()} cores), scheduler only", "vllm": vllm.__version__,
-            "python": platform.python_version(), **checkout(),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-
-
 RATIOS = [("peak_running", "peak running"), ("sustained_running", "running, full pool"), ("steps", "steps to drain"),
           ("blocks_per_request", "KV blocks / request"), ("prefill_flops", "prefill FLOPs")]
 
@@ -344,9 +331,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         per_request = math.ceil((args.image_tokens + args.text_tokens + args.output_tokens) / args.block_size)
         num_blocks = args.num_blocks or 8 * per_request + 1
 
-    env = _environment()
-    from common import refuse_dirty_results
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import append_rows, provenance, refuse_dirty_results
 
+    env = provenance(f"cpu ({os.cpu_count()} cores), scheduler only", "vllm")
     refuse_dirty_results((args.out, args.png), env.get("dirty"), args.allow_dirty, "benchmarks/capacity.py")
     common = {**env, "requests": args.requests, "num_blocks": num_blocks, "block_size": args.block_size,
               "image_tokens": args.image_tokens, "separator_rows": args.separators,
@@ -379,9 +367,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{row['sustained_running']:7.0f} ({row['sustained_running_ratio']:.2f}x) | "
               f"{row['steps']:6d} ({row['steps_ratio']:.2f}x) | {row['blocks_per_request']:7.1f} ({row['blocks_per_request_ratio']:.2f}x) | "
               f"{row['blocks_freed']:12d} | {row['prefill_flops_ratio']:.3f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(args.out.read_text()) if args.out.exists() else []
-    args.out.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    append_rows(args.out, rows)
     save_chart(rows, args.png, chart_title(rows[0]))
     print(f"wrote {len(rows)} rows to {args.out} and a chart to {args.png}")
     return rows

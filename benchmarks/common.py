@@ -126,24 +126,34 @@ def refuse_dirty_results(paths, dirty: bool | None, allow_dirty: bool, script: s
                          "then say dirty: true), or write elsewhere (--out/--png)")
 
 
+def provenance(device: str, *packages: str) -> dict:
+    """What every result row records: the checkout (commit, dirty), the date, ``device``, the
+    Python version and each of ``packages``' ``__version__``."""
+    import importlib
+    import platform
+
+    return {**checkout(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device,
+            "python": platform.python_version(),
+            **{name: importlib.import_module(name).__version__ for name in packages}}
+
+
 def environment(device: str) -> dict:
     import torch
-    import triton
 
-    return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1, smoke only)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        **checkout(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1, smoke only)"
+    return provenance(name, "torch", "triton")
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to the JSON list at ``path`` (created with its folder if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(existing + rows, indent=1) + "\n")
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     """Append ``rows`` to the JSON list at ``path`` and print them as a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    append_rows(path, rows)
     for row in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     print(f"wrote {len(rows)} rows to {path}")

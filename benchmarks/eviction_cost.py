@@ -26,10 +26,7 @@ the one on a GPU, with a real model directory::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,15 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _environment(device: str) -> dict:
-    import torch
-    import vllm
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import checkout
-
-    return {**checkout(), "device": device, "vllm": vllm.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import append_rows, provenance  # noqa: E402
 
 
 def _run(llm, requests: int, output_tokens: int, budget: int, warmup: int, tag: str = "warmup") -> dict:
@@ -109,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     config = {"text": {"enabled": True, "budget_tokens": args.budget}}
-    env = _environment(device)
+    env = provenance(device, "vllm", "torch")
     rows = []
     llm = build(config)
     _run(llm, args.requests, 2 * args.warmup + 8, 1 << 20, args.warmup)  # warm the engine up; not reported
@@ -129,9 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     evict["median_step_ratio"] = evict["median_step_seconds"] / base["median_step_seconds"]
     evict["decode_seconds_ratio"] = evict["decode_seconds"] / base["decode_seconds"]
     print(f"evicting / never due: median step {evict['median_step_ratio']:.3f}x, decode time {evict['decode_seconds_ratio']:.3f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(args.out.read_text()) if args.out.exists() else []
-    args.out.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    append_rows(args.out, rows)
     return rows
 
 

@@ -16,8 +16,8 @@ directory and real images give the real distribution.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import checkout, refuse_dirty_results  # noqa: E402
+from benchmarks.common import provenance, refuse_dirty_results  # noqa: E402
 
 QUESTIONS = [
     "What is the total amount on this invoice?",
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--allow-dirty", action="store_true")
     args = parser.parse_args(argv)
-    provenance = checkout()
-    refuse_dirty_results((args.out,), provenance["dirty"], args.allow_dirty, "benchmarks/measure_gaps.py")
+    origin = provenance(f"cpu ({os.cpu_count()} cores)", "torch", "transformers")
+    refuse_dirty_results((args.out,), origin["dirty"], args.allow_dirty, "benchmarks/measure_gaps.py")
 
     import torch
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompt = vlm.prune(inputs)
         gaps += [float(d.decision.gap) for d in prompt.images[0]]
     out = {
-        **provenance, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **origin,
         "model": args.model or f"tiny {args.tiny} (asymvlm_vllm.hf.tiny, random weights)",
         "architecture": architecture, "config": config, "ranker": type(vlm.ranker).__name__,
         "images": args.images, "seed": args.seed, "gap_mean": float(np.mean(gaps)), "gap_std": float(np.std(gaps)),

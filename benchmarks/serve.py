@@ -29,7 +29,6 @@ say nothing about real images; pass ``--keep-ratio`` for a fixed keep.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import signal
@@ -46,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import checkout, metrics_sample, refuse_dirty_results  # noqa: E402
+from benchmarks.common import append_rows, metrics_sample, provenance, refuse_dirty_results  # noqa: E402
 
 LATENCY_KEYS = ("ttft", "tpot", "itl")
 RATIO_KEYS = ("request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
@@ -209,14 +208,10 @@ def run_level(args, server: Server, concurrency: int, seed: int, work: Path, lab
 
 def environment(args) -> dict:
     import torch
-    import transformers
-    import vllm
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_test_engine else \
         f"cpu ({os.cpu_count()} cores, test op stand-ins)"
-    return {**checkout(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device,
-            "vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": sys.version.split()[0]}
+    return provenance(device, "vllm", "torch", "transformers")
 
 
 def save_chart(rows: list[dict], path: Path) -> Path:
@@ -385,9 +380,7 @@ def write(args, rows: list[dict]) -> None:
             print(f"{row['regime']:>7} | {row['concurrency']:>11} | {row['request_throughput_ratio']:11.2f} | "
                   f"{row['output_throughput_ratio']:15.2f} | {row['mean_ttft_ms_ratio']:10.2f} | "
                   f"{row['mean_tpot_ms_ratio']:10.2f} | {row['mean_itl_ms_ratio']:9.2f} | {row['kept_ratio']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(args.out.read_text()) if args.out.exists() else []
-    args.out.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    append_rows(args.out, rows)
     save_chart(rows, args.png)
     print(f"wrote {len(rows)} rows to {args.out} and a chart to {args.png}")
 

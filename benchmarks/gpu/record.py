@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not rows:
         sys.exit(f"{args.files_at} holds no steps.jsonl: nothing ran")
     out = args.out or ROOT / "benchmarks" / "results" / f"gpu_{rows[0]['date']}.json"
-    existing = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import append_rows
+
+    append_rows(out, rows)
     print(f"{len(rows)} rows -> {out}\n\n{table(rows)}")
     return rows
 
