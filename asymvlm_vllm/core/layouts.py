@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import AsymVLMError
+
 __all__ = ["HD_CROP_PX", "HD_MERGED_SIDE", "HDImageLayout", "hd_image_layout"]
 
 HD_CROP_PX = 336  # CLIP ViT-L/14-336's input side
@@ -42,6 +44,11 @@ class HDImageLayout:
         return rows * (cols + 1) + 1 + HD_MERGED_SIDE * (HD_MERGED_SIDE + 1)
 
     @property
+    def size_px(self) -> tuple[int, int]:
+        """(height, width) of the HD-transformed image, in pixels."""
+        return (HD_CROP_PX * self.h_crop, HD_CROP_PX * self.w_crop)
+
+    @property
     def num_separators(self) -> int:
         """Newlines of both parts and the global separator: ``12·h_crop + 1 + 12``."""
         return self.sub_grid[0] + 1 + HD_MERGED_SIDE
@@ -56,9 +63,20 @@ class HDImageLayout:
         return torch.cat([sub.flatten(), torch.ones(1, dtype=torch.bool, device=device), glob.flatten()])
 
 
-def hd_image_layout(height: int, width: int) -> HDImageLayout:
+def hd_image_layout(height: int, width: int, num_rows: int | None = None) -> HDImageLayout:
     """The layout of an image that the HD transform resized and padded to ``height`` x ``width``
-    pixels (the processor's ``image_sizes``; both multiples of 336)."""
+    pixels (the processor's ``image_sizes``; both multiples of 336).
+
+    Raises
+    ------
+    AsymVLMError
+        When the size is not whole crops, or the layout does not have ``num_rows`` rows (the
+        image's features, when given).
+    """
     if height < HD_CROP_PX or width < HD_CROP_PX or height % HD_CROP_PX or width % HD_CROP_PX:
-        raise ValueError(f"an HD-transformed image is whole {HD_CROP_PX}-px crops, got {height} x {width}")
-    return HDImageLayout(height // HD_CROP_PX, width // HD_CROP_PX)
+        raise AsymVLMError(f"an HD-transformed image is whole {HD_CROP_PX}-px crops, got {height} x {width}")
+    layout = HDImageLayout(height // HD_CROP_PX, width // HD_CROP_PX)
+    if num_rows is not None and layout.num_rows != num_rows:
+        raise AsymVLMError(f"a {height} x {width} Phi-3-V image has {layout.num_rows} rows, "
+                           f"its encoder output {num_rows}")
+    return layout

@@ -77,11 +77,7 @@ def _phi3v_layout(feature: Any, num_rows: int) -> HDImageLayout:
         size = None
     if size is not None:
         height, width = (int(x) for x in torch.as_tensor(size).reshape(-1).tolist())
-        layout = hd_image_layout(height, width)
-        if layout.num_rows != num_rows:
-            raise AsymVLMError(f"a {height} x {width} Phi-3-V image has {layout.num_rows} rows, "
-                               f"its encoder output {num_rows}")
-        return layout
+        return hd_image_layout(height, width, num_rows)
     candidates = [HDImageLayout(h, w) for h in range(1, num_rows // HD_MERGED_SIDE ** 2 + 1)
                   for w in range(1, num_rows // (h * HD_MERGED_SIDE ** 2) + 1)
                   if HDImageLayout(h, w).num_rows == num_rows]

@@ -234,12 +234,8 @@ class Phi3VAdapter(FamilyAdapter):
     def _layouts(self, inputs, features: list[Tensor]):
         from ..core.layouts import hd_image_layout
 
-        layouts = [hd_image_layout(int(h), int(w)) for h, w in inputs["image_sizes"].tolist()]
-        for layout, f in zip(layouts, features):
-            if layout.num_rows != f.shape[0]:
-                raise RuntimeError(f"a Phi-3-V image of {layout.h_crop} x {layout.w_crop} crops has "
-                                   f"{layout.num_rows} rows, its features {f.shape[0]}")
-        return layouts
+        sizes = inputs["image_sizes"].tolist()
+        return [hd_image_layout(int(h), int(w), f.shape[0]) for (h, w), f in zip(sizes, features)]
 
     def prunable_rows(self, model, inputs, features: list[Tensor]) -> list[Tensor]:
         return [~layout.separator_mask(f.device) for layout, f in zip(self._layouts(inputs, features), features)]
@@ -253,10 +249,10 @@ class Phi3VAdapter(FamilyAdapter):
         from ..core.layouts import HD_MERGED_SIDE
 
         side = HD_MERGED_SIDE
-        return [HeatmapLayout(layout.sub_grid, canvas=(int(h), int(w)),
+        return [HeatmapLayout(layout.sub_grid, canvas=layout.size_px,
                               undrawn=f"the global view's {side * side} tokens ({side} x {side} patches of the whole "
                                       "image, downscaled to 336 px)")
-                for layout, (h, w) in zip(self._layouts(inputs, features), inputs["image_sizes"].tolist())]
+                for layout in self._layouts(inputs, features)]
 
     def heatmap_picture(self, picture, layout: HeatmapLayout):
         from .phi3v import hd_transformed_picture
