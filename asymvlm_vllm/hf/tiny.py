@@ -83,21 +83,25 @@ QWEN_TEMPLATE = (
 )
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer with every family's special tokens, ``VOCAB`` ids in all."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def _byte_level_bpe(special_tokens: list[str]):
+    """A byte-level BPE tokenizer trained on :data:`CORPUS` to 400 ids, ``special_tokens`` first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=ALL_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer=trainer)
+    return tok
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer with every family's special tokens, ``VOCAB`` ids in all."""
+    from tokenizers import AddedToken
+
+    tok = _byte_level_bpe(ALL_SPECIALS)
     # vLLM's Gemma 3 processor looks up "\n", "\n\n", ... literally (Gemma's vocabulary has them).
     tok.add_tokens([AddedToken("\n" * k, normalized=False, special=False) for k in (4, 3, 2, 1)])
     n = tok.get_vocab_size()
@@ -284,16 +288,9 @@ PHI3V_REMOTE_FILES = ("configuration_phi3_v.py", "image_processing_phi3_v.py", "
 def build_phi3v_tokenizer():
     """Byte-level BPE over the hub Phi-3 vocabulary's 32,064 ids: the specials at their hub ids,
     every other id past the learned merges a decodable ``<unusedN>`` token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[PHI3V_SPECIALS[i] for i in range(3)],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    spec = json.loads(tok.to_str())
+    spec = json.loads(_byte_level_bpe([PHI3V_SPECIALS[i] for i in range(3)]).to_str())
     vocab = spec["model"]["vocab"]
     learned = len(vocab)
     if learned > min(PHI3V_SPECIALS.keys() - {0, 1, 2}):
@@ -315,7 +312,6 @@ def _build_phi3_v(out: Path, tok, dtype: torch.dtype) -> None:
 
     from .phi3v import Phi3VForCausalLM, hub_state_dict, phi3v_text_config
 
-    tok = build_phi3v_tokenizer()
     hf_tok = _hf_tokenizer(tok, PHI3V_TEMPLATE, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                            unk_token="<unk>")
     raw = {
@@ -358,6 +354,8 @@ def _build_phi3_v(out: Path, tok, dtype: torch.dtype) -> None:
                                                            "pad_token_id": 32000}))
 
 
+# Families whose tokenizer is not :func:`build_tokenizer`'s shared one.
+TOKENIZERS = {"phi3_v": build_phi3v_tokenizer}
 FAMILIES = {
     "gemma3": _build_gemma3,
     "llava": _build_llava,
@@ -375,5 +373,5 @@ def build_tiny_model(family: str, out: str | os.PathLike, dtype: torch.dtype = t
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(FAMILIES)}")
     out = Path(out)
-    FAMILIES[family](out, build_tokenizer(), dtype)
+    FAMILIES[family](out, TOKENIZERS.get(family, build_tokenizer)(), dtype)
     return out
