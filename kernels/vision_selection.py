@@ -28,7 +28,6 @@ float64 ulp; the 1e-9 slack makes that unreachable unless N · ratio is within 1
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +44,7 @@ from asymvlm_vllm.core import (
     decide_vision_pruning,
     score_vision_tokens_packed,
 )
+from asymvlm_vllm.envs import triton_interpreted
 
 __all__ = [
     "VisionSelection",
@@ -61,7 +61,7 @@ _FLOOR_SLACK = tl.constexpr(1e-9)  # as asymvlm_vllm.core.budget.num_tokens_to_k
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_interpreted()
 
 
 @triton.jit

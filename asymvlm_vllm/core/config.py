@@ -22,6 +22,7 @@ from .scorer_file import load_scorer
 __all__ = ["AsymVLMConfig", "TextEvictionConfig", "VisionPruningConfig", "list_presets"]
 
 RankerName = Literal["learned", "cosine", "spiral", "random"]
+DecideWith = Literal["auto", "torch", "triton"]
 
 # The paper's DocVQA importance-gap distribution (mean 0.218, std 0.047) split at mean ± std.
 # Starting points only: calibrate per model with `asymvlm calibrate`.
@@ -49,6 +50,11 @@ class VisionPruningConfig(_Section):
         default=2, ge=0, le=16,
         description="encoder-cache room added to vLLM's, in steps of encoder budget: the probes' full outputs "
                     "beside the pruned copies being prefilled (0: vLLM's size, probes may wait for space)")
+    decide_with: DecideWith = Field(
+        default="auto",
+        description="how the engine scores and selects at the probe step: 'triton' is one packed launch of the "
+                    "fused select_vision_tokens kernel for all of a step's images, 'torch' the core's functions "
+                    "image by image; 'auto' is 'triton' on CUDA with the cosine or learned ranker, else 'torch'")
 
     @model_validator(mode="after")
     def _ranker_matches_scorer(self) -> VisionPruningConfig:
@@ -61,6 +67,8 @@ class VisionPruningConfig(_Section):
                 f"vision.scorer is set but vision.ranker is '{self.ranker}', which ignores it; "
                 "remove one of them"
             )
+        if self.decide_with == "triton" and self.ranker not in ("cosine", "learned"):
+            raise ValueError(f"vision.decide_with 'triton' scores with the cosine or learned ranker, not '{self.ranker}'")
         return self
 
     def make_ranker(self, expected_hidden_size: int | None = None) -> VisionTokenRanker:

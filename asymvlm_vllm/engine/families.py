@@ -33,16 +33,19 @@ class VisionFamily:
     def structural_rows(self, model: Any, feature: Any, rows: Tensor) -> Tensor:
         """(R,) bool: rows of an image's encoder output that are structure, never pruned.
 
+        On the host when the layout decides (no device work, no synchronisation); on the rows'
+        device when the rows' values do (LLaVA-NeXT).
+
         Raises
         ------
         AsymVLMError
             When the image's layout cannot be known (the request then runs unpruned).
         """
         if self.architecture == "Phi3VForCausalLM":
-            return _phi3v_layout(feature, rows.shape[0]).separator_mask(rows.device)
+            return _phi3v_layout(feature, rows.shape[0]).separator_mask("cpu")
         separators = self._separators(model)
         if separators is None:
-            return torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+            return torch.zeros(rows.shape[0], dtype=torch.bool)
         separators = separators.to(device=rows.device, dtype=rows.dtype).reshape(-1, rows.shape[-1])
         return (rows[:, None, :] == separators[None]).all(-1).any(-1)
 

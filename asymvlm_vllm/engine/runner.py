@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,14 +35,81 @@ from ..core.eviction import MultiTurnEviction
 from ..core.positions import text_query_mask
 from ..core.request_options import RequestOptions, request_options_from_extra_args
 from ..core.selection import decide_vision_pruning
+from ..envs import triton_interpreted
 from .families import VisionFamily, family_for
 from .protocol import ImageDecision, Materialize, RequestDecision, StepPlan
 from .settings import asymvlm_config_from
 from .text_eviction import TextEvictionRunnerMixin
 
-__all__ = ["AsymVLMRunnerMixin", "decide_request"]
+__all__ = ["AsymVLMRunnerMixin", "PendingDecisions", "Probe", "decide_request", "decide_requests"]
 
 logger = logging.getLogger("vllm.asymvlm")  # under "vllm": vLLM's handlers and VLLM_LOGGING_LEVEL apply
+
+
+@dataclass
+class Probe:
+    """One probing request of a step, as :func:`decide_requests` takes it.
+
+    Attributes
+    ----------
+    request_id : str
+    prompt_token_ids : list of int, length T, the unpruned prompt
+    mm_features : the request's ``MultiModalFeatureSpec`` list
+    feature_indices : which features to decide
+    options : the request's options
+    answer_spans, multi_turn : as in :func:`decide_request`
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    mm_features: list[Any]
+    feature_indices: list[int]
+    options: RequestOptions
+    answer_spans: Sequence[tuple[int, int]] = ()
+    multi_turn: MultiTurnEviction | None = None
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # A pageable host-to-CUDA copy waits for the stream; a pinned one does not.
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _query_text(model: Any, family: VisionFamily, prompt_token_ids: list[int], mm_features: list[Any],
+                device: torch.device) -> torch.Tensor | None:
+    """(L, D) input embeddings of the prompt's text query, or None when it has no text."""
+    ids = torch.tensor(prompt_token_ids, dtype=torch.long)
+    embed_rows = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for feature in mm_features:
+        position = feature.mm_position
+        window = torch.zeros(position.length, dtype=torch.bool)
+        window[:] = True if position.is_embed is None else position.is_embed.to(torch.bool)
+        embed_rows[position.offset: position.offset + position.length] |= window
+    query = text_query_mask(ids, embed_rows, family.structure_token_ids)
+    if not bool(query.any()):
+        return None
+    return model.embed_input_ids(_to_device(ids[query], device))
+
+
+_NO_TEXT = "the prompt has no text tokens to score its images against"
+
+
+def _dropped_answers(model: Any, prompt_token_ids: list[int], image_rows: list[tuple[int, torch.Tensor]],
+                     answer_spans: Sequence[tuple[int, int]], multi_turn: MultiTurnEviction,
+                     device: torch.device) -> list[int]:
+    """The previous answers ``multi_turn`` drops, ranked against the current turn's images."""
+    ids = torch.tensor(prompt_token_ids, dtype=torch.long)
+    last_answer_end = answer_spans[-1][1]
+    current = [r for offset, r in image_rows if offset >= last_answer_end] or [r for _, r in image_rows]
+    answers = [ids[a:b] for a, b in answer_spans]
+    embeddings = model.embed_input_ids(torch.cat(answers).to(device))
+    rebased, offset = [], 0
+    for a, b in answer_spans:  # the answers' embeddings, back to back
+        rebased.append((offset, offset + b - a))
+        offset += b - a
+    image_embeddings = torch.cat(current).to(embeddings.dtype)
+    return multi_turn.select_answers(rebased, embeddings, image_embeddings)
 
 
 def decide_request(
@@ -58,7 +126,7 @@ def decide_request(
     answer_spans: Sequence[tuple[int, int]] = (),
     multi_turn: MultiTurnEviction | None = None,
 ) -> RequestDecision:
-    """One request's decision from its encoder outputs.
+    """One request's decision from its encoder outputs, with the core's torch functions.
 
     Parameters
     ----------
@@ -79,17 +147,9 @@ def decide_request(
         ``keep_rows`` per image index encoder-output rows and include structural rows.
     """
     started = time.perf_counter()
-    ids = torch.tensor(prompt_token_ids, dtype=torch.long)
-    embed_rows = torch.zeros(ids.shape[0], dtype=torch.bool)
-    for feature in mm_features:
-        position = feature.mm_position
-        window = torch.zeros(position.length, dtype=torch.bool)
-        window[:] = True if position.is_embed is None else position.is_embed.to(torch.bool)
-        embed_rows[position.offset: position.offset + position.length] |= window
-    query = text_query_mask(ids, embed_rows, family.structure_token_ids)
-    if not bool(query.any()):
-        return RequestDecision(error="the prompt has no text tokens to score its images against")
-    text = model.embed_input_ids(ids[query].to(device))
+    text = _query_text(model, family, prompt_token_ids, mm_features, device)
+    if text is None:
+        return RequestDecision(error=_NO_TEXT)
     rule: BudgetRule = options.budget_rule(config.vision.budget)
     min_keep = options.min_keep if options.min_keep is not None else config.vision.min_keep
     images, image_rows = [], []
@@ -118,17 +178,221 @@ def decide_request(
                                     float(decision.gap), float(decision.keep_ratio)))
     dropped: list[int] = []
     if multi_turn is not None and answer_spans:
-        last_answer_end = answer_spans[-1][1]
-        current = [r for offset, r in image_rows if offset >= last_answer_end] or [r for _, r in image_rows]
-        answers = [ids[a:b] for a, b in answer_spans]
-        embeddings = model.embed_input_ids(torch.cat(answers).to(device))
-        rebased, offset = [], 0
-        for a, b in answer_spans:  # the answers' embeddings, back to back
-            rebased.append((offset, offset + b - a))
-            offset += b - a
-        image_embeddings = torch.cat(current).to(embeddings.dtype)
-        dropped = multi_turn.select_answers(rebased, embeddings, image_embeddings)
+        dropped = _dropped_answers(model, prompt_token_ids, image_rows, answer_spans, multi_turn, device)
     return RequestDecision(images=images, dropped_answers=dropped, scoring_seconds=time.perf_counter() - started)
+
+
+@dataclass
+class _Segment:
+    """One image's prunable rows in the kernel's packed batch."""
+
+    request_id: str
+    slot: int  # where its ImageDecision goes in the request's list
+    feature: int
+    num_rows: int
+    structural: torch.Tensor  # (S,) int64 host: rows always kept
+    prunable: torch.Tensor  # (N,) int64 host: the packed rows' positions in the image
+
+
+@dataclass
+class PendingDecisions:
+    """Decisions of one step's probes; the kernel's may still be running on the device.
+
+    :meth:`result` waits only for the selection kernel and its copy to the host, which were
+    queued before the step's forward pass, not for the forward pass.
+    """
+
+    decisions: dict[str, RequestDecision] = field(default_factory=dict)
+    images: dict[str, list[ImageDecision | None]] = field(default_factory=dict)
+    segments: list[_Segment] = field(default_factory=list)
+    host: dict[str, torch.Tensor] = field(default_factory=dict)  # kernel outputs, pinned on CUDA
+    cu_seqlens: list[int] = field(default_factory=list)
+    ready: Any = None  # torch.cuda.Event after the copy, or None
+    launch_seconds: float = 0.0
+
+    def result(self) -> dict[str, RequestDecision]:
+        if not self.segments:
+            return self.decisions
+        started = time.perf_counter()
+        if self.ready is not None:
+            self.ready.synchronize()
+        num_keep, gaps, ratios = self.host["num_keep"].tolist(), self.host["gaps"].tolist(), self.host["ratios"].tolist()
+        keep, bad = self.host["keep_indices"], self.host["not_finite"].tolist()
+        failed: dict[str, str] = {}
+        for b, segment in enumerate(self.segments):
+            if bad[b]:
+                failed.setdefault(segment.request_id, f"image {segment.feature}: scores are not finite")
+                continue
+            start = self.cu_seqlens[b]
+            chosen = segment.prunable[keep[start: start + num_keep[b]].long()]
+            kept = sorted(torch.cat([segment.structural, chosen]).tolist())
+            self.images[segment.request_id][segment.slot] = ImageDecision(
+                segment.feature, segment.num_rows, int(segment.prunable.numel()), kept, gaps[b], ratios[b])
+        seconds = self.launch_seconds + time.perf_counter() - started
+        for request_id, images in self.images.items():
+            if request_id in failed:
+                self.decisions[request_id] = RequestDecision(error=failed[request_id])
+            else:
+                self.decisions[request_id] = RequestDecision(images=list(images), scoring_seconds=seconds)
+        self.segments = []
+        return self.decisions
+
+
+def decide_requests(
+    model: Any,
+    family: VisionFamily,
+    config: AsymVLMConfig,
+    ranker: Any,
+    probes: Sequence[Probe],
+    encoder_outputs: dict[str, torch.Tensor],
+    device: torch.device,
+    kernel: bool = False,
+) -> PendingDecisions:
+    """The decisions of all of a step's probing requests.
+
+    With ``kernel``, every image of every request (but those of multi-turn requests, which
+    go through :func:`decide_request`) is scored and selected by one packed launch of the
+    fused ``select_vision_tokens`` kernel, with no host synchronisation: the layouts are
+    known on the host, the inputs go to the device through pinned memory, and the outputs
+    come back through pinned memory behind an event. LLaVA-NeXT's separator rows are
+    found by value on the device, which costs one synchronisation per image. Without
+    ``kernel``, each request goes through :func:`decide_request`.
+
+    Scores are float32 on both paths, so the keep sets agree wherever the two float32
+    roundings of a score do not straddle the cut.
+
+    Parameters
+    ----------
+    probes : the step's probing requests
+    encoder_outputs : identifier → (R, D) encoder output rows
+    kernel : use the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``)
+
+    Returns
+    -------
+    PendingDecisions
+        ``result()`` gives request id → :class:`RequestDecision`.
+    """
+    pending = PendingDecisions()
+    if not kernel:
+        for probe in probes:
+            pending.decisions[probe.request_id] = _guarded(probe.request_id, lambda p=probe: decide_request(
+                model, family, config, ranker, p.prompt_token_ids, p.mm_features, p.feature_indices,
+                encoder_outputs, p.options, device, p.answer_spans, p.multi_turn))
+        return pending
+    started = time.perf_counter()
+    vision, text, cu_v, cu_t, rules, min_keeps = [], [], [0], [0], [], []
+    for probe in probes:
+        if probe.multi_turn is not None and probe.answer_spans:
+            pending.decisions[probe.request_id] = _guarded(probe.request_id, lambda p=probe: decide_request(
+                model, family, config, ranker, p.prompt_token_ids, p.mm_features, p.feature_indices,
+                encoder_outputs, p.options, device, p.answer_spans, p.multi_turn))
+            continue
+        try:
+            packed = _pack_request(model, family, config, probe, encoder_outputs, device)
+        except (AsymVLMError, ValueError) as exc:
+            pending.decisions[probe.request_id] = RequestDecision(error=str(exc))
+            continue
+        images, segments, parts = packed
+        pending.images[probe.request_id] = images
+        rule: BudgetRule = probe.options.budget_rule(config.vision.budget)
+        min_keep = probe.options.min_keep if probe.options.min_keep is not None else config.vision.min_keep
+        for segment, (rows, query) in zip(segments, parts):
+            pending.segments.append(segment)
+            vision.append(rows.float())
+            text.append(query.float())
+            cu_v.append(cu_v[-1] + rows.shape[0])
+            cu_t.append(cu_t[-1] + query.shape[0])
+            rules.append(rule)
+            min_keeps.append(min_keep)
+    if pending.segments:
+        from ..kernels.vision_selection import pack_budget_rules, select_vision_tokens
+
+        rule_ids, rule_params = pack_budget_rules(rules)
+        counts = torch.tensor([b - a for a, b in zip(cu_v, cu_v[1:])])
+        weight = getattr(ranker, "weight", None)
+        selection = select_vision_tokens(
+            torch.cat(vision), torch.cat(text), _to_device(torch.tensor(cu_v, dtype=torch.int32), device),
+            _to_device(torch.tensor(cu_t, dtype=torch.int32), device), int(counts.max()),
+            _to_device(rule_ids, device), _to_device(rule_params, device),
+            _to_device(torch.tensor(min_keeps, dtype=torch.int32), device),
+            weight=weight.to(device) if weight is not None else None)
+        segment_of_row = _to_device(torch.repeat_interleave(torch.arange(len(counts)), counts), device)
+        not_finite = torch.zeros(len(counts), dtype=torch.int32, device=device).index_add_(
+            0, segment_of_row, (~torch.isfinite(selection.scores)).to(torch.int32))
+        outputs = {"num_keep": selection.num_keep, "gaps": selection.gaps, "ratios": selection.keep_ratios,
+                   "keep_indices": selection.keep_indices, "not_finite": not_finite}
+        if device.type == "cuda":
+            for name, value in outputs.items():
+                pending.host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                pending.host[name].copy_(value, non_blocking=True)
+            pending.ready = torch.cuda.Event()
+            pending.ready.record()
+        else:
+            pending.host = {name: value.cpu() for name, value in outputs.items()}
+        pending.cu_seqlens = cu_v
+    else:
+        pending.decisions.update({r: RequestDecision(images=list(i)) for r, i in pending.images.items()})
+    pending.launch_seconds = time.perf_counter() - started
+    return pending
+
+
+def _guarded(request_id: str, decide: Any) -> RequestDecision:
+    try:
+        return decide()
+    except (AsymVLMError, ValueError) as e:
+        return RequestDecision(error=str(e))
+    except Exception as e:  # one request's failure must not take the engine down
+        logger.exception("AsymVLM: deciding request %s failed; it runs unpruned", request_id)
+        return RequestDecision(error=f"deciding failed: {type(e).__name__}: {e}")
+
+
+def _pack_request(model: Any, family: VisionFamily, config: AsymVLMConfig, probe: Probe,
+                  encoder_outputs: dict[str, torch.Tensor], device: torch.device):
+    """A request's images for the packed kernel: placeholders for its decisions, its segments,
+    and per segment its prunable rows (N, D) and its query text (L, D)."""
+    text = _query_text(model, family, probe.prompt_token_ids, probe.mm_features, device)
+    if text is None:
+        raise AsymVLMError(_NO_TEXT)
+    images: list[ImageDecision | None] = []
+    segments, parts = [], []
+    for index in probe.feature_indices:
+        feature = probe.mm_features[index]
+        rows = encoder_outputs.get(feature.identifier)
+        if rows is None:
+            raise AsymVLMError(f"image {index}'s encoder output is not in the encoder cache")
+        rows = rows.reshape(-1, rows.shape[-1])
+        try:
+            structural = family.structural_rows(model, feature, rows).cpu()
+        except (AsymVLMError, ValueError) as exc:
+            raise AsymVLMError(f"image {index}: {exc}") from exc
+        prunable = (~structural).nonzero().flatten()
+        if prunable.numel() == 0:
+            images.append(ImageDecision(index, rows.shape[0], 0, list(range(rows.shape[0])), 0.0, 1.0))
+            continue
+        images.append(None)
+        segments.append(_Segment(probe.request_id, len(images) - 1, index, rows.shape[0],
+                                 structural.nonzero().flatten(), prunable))
+        if prunable.numel() != rows.shape[0]:
+            rows = rows.index_select(0, _to_device(prunable, rows.device))
+        parts.append((rows, text))
+    return images, segments, parts
+
+
+def decides_with_kernel(config: AsymVLMConfig, device: torch.device) -> bool:
+    """Whether the probe decides with the fused kernel (``vision.decide_with``) on ``device``.
+
+    Raises
+    ------
+    AsymVLMError
+        For ``triton`` where Triton cannot run: no CUDA and no interpreter.
+    """
+    choice = config.vision.decide_with
+    if choice == "auto":
+        return device.type == "cuda" and config.vision.ranker in ("cosine", "learned")
+    if choice == "triton" and device.type != "cuda" and not triton_interpreted():
+        raise AsymVLMError(f"vision.decide_with 'triton' needs a CUDA device, and this engine runs on {device.type} "
+                           "(TRITON_INTERPRET=1 runs the kernel in Triton's interpreter, for tests)")
+    return choice == "triton"
 
 
 class AsymVLMRunnerMixin(TextEvictionRunnerMixin):
@@ -142,6 +406,9 @@ class AsymVLMRunnerMixin(TextEvictionRunnerMixin):
         self._asymvlm_plan: StepPlan | None = None
         self._asymvlm_keep: dict[str, Materialize] = {}
         self._asymvlm_pending: dict[str, RequestDecision] = {}
+        self._asymvlm_launched: list[PendingDecisions] = []
+        self._asymvlm_mrope: dict[str, tuple[list[list[int]], int]] = {}
+        self._asymvlm_kernel = False
         self._asymvlm_unmaterialized: set[str] = set()
         self._asymvlm_generator_states: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
         self._text_init()
@@ -151,6 +418,7 @@ class AsymVLMRunnerMixin(TextEvictionRunnerMixin):
         # A scorer file that does not fit this model stops start-up here, with the file's name.
         hidden = self.model_config.get_hidden_size()
         self._asymvlm_ranker = self.asymvlm_config.vision.make_ranker(expected_hidden_size=hidden)
+        self._asymvlm_kernel = decides_with_kernel(self.asymvlm_config, self.device)
         return result
 
     def initialize_kv_cache(self, *args: Any, **kwargs: Any):
@@ -229,34 +497,58 @@ class AsymVLMRunnerMixin(TextEvictionRunnerMixin):
         outputs = super()._execute_mm_encoder(scheduler_output)
         plan = self._asymvlm_plan
         if plan is not None and plan.probes:
-            for request_id, spec in plan.probes.items():
-                self._asymvlm_pending[request_id] = self._decide(request_id, spec)
+            self._asymvlm_launched.append(self._decide(plan.probes))
         return outputs
 
-    def _decide(self, request_id: str, spec: Any) -> RequestDecision:
-        state = self.requests.get(request_id)
-        if state is None:
-            return RequestDecision(error="the runner does not know the request")
-        if self._asymvlm_family is None or self._asymvlm_ranker is None:
-            return RequestDecision(error="this model is not supported by AsymVLM")
+    def _decide(self, specs: dict[str, Any]) -> PendingDecisions:
+        pending, probes = PendingDecisions(), []
+        for request_id, spec in specs.items():
+            state = self.requests.get(request_id)
+            if state is None:
+                pending.decisions[request_id] = RequestDecision(error="the runner does not know the request")
+            elif self._asymvlm_family is None or self._asymvlm_ranker is None:
+                pending.decisions[request_id] = RequestDecision(error="this model is not supported by AsymVLM")
+            else:
+                try:
+                    options = request_options_from_extra_args(spec.options)
+                except (AsymVLMError, ValueError) as e:
+                    pending.decisions[request_id] = RequestDecision(error=str(e))
+                    continue
+                probes.append(Probe(
+                    request_id, list(state.prompt_token_ids), list(state.mm_features), list(spec.features), options,
+                    spec.answer_spans, self.asymvlm_config.text.make_multi_turn_policy() if spec.answer_spans else None))
+                if self._asymvlm_family.uses_mrope and state.mrope_positions is not None:
+                    positions = state.mrope_positions[:, : len(state.prompt_token_ids)]
+                    self._asymvlm_mrope[request_id] = (
+                        positions.tolist(), len(state.prompt_token_ids) + int(state.mrope_position_delta))
+        if not probes:
+            return pending
         try:
             with torch.inference_mode():
-                decision = decide_request(
-                    self.model, self._asymvlm_family, self.asymvlm_config, self._asymvlm_ranker,
-                    list(state.prompt_token_ids), list(state.mm_features), list(spec.features),
-                    self.encoder_cache, request_options_from_extra_args(spec.options), self.device,
-                    spec.answer_spans, self.asymvlm_config.text.make_multi_turn_policy() if spec.answer_spans else None,
-                )
-        except (AsymVLMError, ValueError) as e:
-            return RequestDecision(error=str(e))
-        except Exception as e:  # one request's failure must not take the engine down
-            logger.exception("AsymVLM: deciding request %s failed; it runs unpruned", request_id)
-            return RequestDecision(error=f"deciding failed: {type(e).__name__}: {e}")
-        if decision.error is None and self._asymvlm_family.uses_mrope and state.mrope_positions is not None:
-            positions = state.mrope_positions[:, : len(state.prompt_token_ids)]
-            decision.mrope_positions = positions.tolist()
-            decision.mrope_next_position = len(state.prompt_token_ids) + int(state.mrope_position_delta)
-        return decision
+                launched = decide_requests(
+                    self.model, self._asymvlm_family, self.asymvlm_config, self._asymvlm_ranker, probes,
+                    self.encoder_cache, self.device, kernel=self._asymvlm_kernel)
+        except Exception as e:  # the step's probes run unpruned; the engine goes on
+            logger.exception("AsymVLM: deciding the step's probes failed; they run unpruned")
+            launched = PendingDecisions({p.request_id: RequestDecision(error=f"deciding failed: {type(e).__name__}: {e}")
+                                         for p in probes})
+        launched.decisions.update(pending.decisions)
+        return launched
+
+    def _collect_decisions(self) -> None:
+        launched, self._asymvlm_launched = self._asymvlm_launched, []
+        for pending in launched:
+            try:
+                decisions = pending.result()
+            except Exception as e:
+                logger.exception("AsymVLM: reading the step's decisions failed; its probes run unpruned")
+                decisions = {r: RequestDecision(error=f"deciding failed: {type(e).__name__}: {e}")
+                             for r in [*pending.decisions, *pending.images]}
+            for request_id, decision in decisions.items():
+                mrope = self._asymvlm_mrope.pop(request_id, None)
+                if decision.error is None and mrope is not None:
+                    decision.mrope_positions, decision.mrope_next_position = mrope
+                self._asymvlm_pending[request_id] = decision
 
     # -------------------------------------------------------------- seeded sampling
     def _sample(self, *args: Any, **kwargs: Any):
@@ -291,13 +583,14 @@ class AsymVLMRunnerMixin(TextEvictionRunnerMixin):
 
     # -------------------------------------------------------------- answer
     def _attach_decisions(self, output: Any) -> Any:
-        if not (self._asymvlm_pending or self._text_choices) or output is None:
+        if not (self._asymvlm_pending or self._asymvlm_launched or self._text_choices) or output is None:
             return output
         target = getattr(output, "_model_runner_output", output)  # the async wrapper holds the real one
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
         if target is EMPTY_MODEL_RUNNER_OUTPUT or not isinstance(target, ModelRunnerOutput):
             return output  # keep them for the step's real output
+        self._collect_decisions()
         if self._asymvlm_pending:
             target.asymvlm_decisions, self._asymvlm_pending = self._asymvlm_pending, {}
         if self._text_choices:

@@ -68,9 +68,9 @@ class _Trace:
             return output
 
         def traced_attach(output):
-            pending = bool(runner._asymvlm_pending)
+            pending = bool(runner._asymvlm_pending or runner._asymvlm_launched)
             result = attach(output)
-            if pending and not runner._asymvlm_pending:
+            if pending and not (runner._asymvlm_pending or runner._asymvlm_launched):
                 self.decision_carriers.append(type(output).__name__)
             return result
 

@@ -219,11 +219,17 @@ class _Engines(EnginePool):
         super().__init__(model_dirs)
         self.outputs: dict[str, dict[str, Any]] = {}
 
-    def run(self, family: str) -> dict[str, Any]:
-        """Request name → ``RequestOutput`` of the family's batch."""
-        if family not in self.outputs:
+    def run(self, family: str, decide_with: str = "auto") -> dict[str, Any]:
+        """Request name → ``RequestOutput`` of the family's batch, decided with ``decide_with``
+        (``vision.decide_with``; on this CPU engine ``auto`` is the torch path)."""
+        key = family if decide_with == "auto" else f"{family}@{decide_with}"
+        if key not in self.outputs:
             spec = ENGINES[family]
-            llm = self.build(family, family, spec.config or spec.preset, KV_CACHE_BYTES)
+            config = spec.config or spec.preset
+            if decide_with != "auto":
+                config = spec.config or yaml.safe_load((REPO_ROOT / "configs" / f"{spec.preset}.yaml").read_text())
+                config = {**config, "vision": {**config["vision"], "decide_with": decide_with}}
+            llm = self.build(key, family, config, KV_CACHE_BYTES)
             processor = self.processor(family)
             reqs = ENGINES[family].requests
             prompts, params = [], []
@@ -231,11 +237,11 @@ class _Engines(EnginePool):
                 images = req.pil_images()
                 prompts.append({"prompt": _prompt_text(processor, family, req),
                                 "multi_modal_data": {"image": images[0] if len(images) == 1 else images}})
-                extra = {"test_tag": f"{family}/{req.name}", **dict(req.extra)}
-                params.append(greedy_params(MAX_TOKENS, extra_args=extra))
+                tag = f"{family}/{req.name}" if decide_with == "auto" else f"{key}/{req.name}"
+                params.append(greedy_params(MAX_TOKENS, extra_args={"test_tag": tag, **dict(req.extra)}))
             outputs = llm.generate(prompts, params, use_tqdm=False)
-            self.outputs[family] = {r.name: o for r, o in zip(reqs, outputs)}
-        return self.outputs[family]
+            self.outputs[key] = {r.name: o for r, o in zip(reqs, outputs)}
+        return self.outputs[key]
 
 
 @pytest.fixture(scope="module")
@@ -573,6 +579,33 @@ def test_the_decision_checked_is_the_one_the_engine_applied(engines, checked, fa
     assert outcome is not None and outcome["status"] == "pruned", outcome
     assert [image["kept"] for image in outcome["images"]] == [len(image.keep_rows) for image in case.actual.images]
     assert [image["tokens"] for image in outcome["images"]] == [image.num_rows for image in case.actual.images]
+
+
+@pytest.mark.parametrize("family", list(ENGINES))
+def test_the_fused_kernel_in_the_probe_decides_as_the_torch_path(engines, decisions, checked, family):
+    """``vision.decide_with: triton`` (the runner's one packed ``select_vision_tokens`` launch per
+    step, here under Triton's interpreter) against the torch path of the same checkpoint and batch:
+    every image's keep set, gap and ratio identical, every request pruned alike, and the oracle
+    holds for the kernel path too."""
+    torch_outputs, kernel_outputs = engines.run(family), engines.run(family, "triton")
+    for req in ENGINES[family].requests:
+        case = checked(family, req.name)
+        kernel = decisions.get(f"{family}@triton/{req.name}")
+        assert kernel is not None and kernel.error is None, kernel
+        assert [(i.feature, i.num_rows, i.num_prunable, i.keep_rows) for i in kernel.images] == \
+            [(i.feature, i.num_rows, i.num_prunable, i.keep_rows) for i in case.actual.images], f"{family}/{req.name}"
+        # Scores (so gaps, and a linear rule's ratios) differ by float32 rounding: the kernel
+        # divides v·t̂ by |v|, torch multiplies v̂ by t̂.
+        assert [i.gap for i in kernel.images] == pytest.approx([i.gap for i in case.actual.images], abs=GAP_ATOL)
+        assert [i.budget_ratio for i in kernel.images] == pytest.approx(
+            [i.budget_ratio for i in case.actual.images], abs=1e-4)
+        for index, (image, expected) in enumerate(zip(kernel.images, case.expected, strict=True)):
+            assert_image_matches(image, expected, case.rule, _min_keep(family, req), f"{family}/{req.name} image {index}")
+        outcomes = [(o[req.name].kv_transfer_params or {}).get("asymvlm") or {} for o in (kernel_outputs, torch_outputs)]
+        assert outcomes[0].get("status") == outcomes[1].get("status") == "pruned"
+        assert [(i["tokens"], i["kept"]) for i in outcomes[0]["images"]] == \
+            [(i["tokens"], i["kept"]) for i in outcomes[1]["images"]]
+        assert kernel_outputs[req.name].outputs[0].token_ids == torch_outputs[req.name].outputs[0].token_ids
 
 
 def test_the_cases_cover_what_they_claim(checked):

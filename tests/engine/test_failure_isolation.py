@@ -8,7 +8,9 @@ each per-request path of the plugin in turn: probing (scheduler), deciding (runn
   answer of the same request run unpruned;
 * materialising: pruned as usual: the runner encodes the image again and slices it.
 
-Then the next request is pruned normally, and every KV block is back in the pool.
+Then the next request is pruned normally, and every KV block is back in the pool. The same
+holds for an engine deciding with the fused kernel (``vision.decide_with: triton``) when its
+launch or the read-back of its decisions fails: the step's probes run unpruned.
 """
 
 from __future__ import annotations
@@ -96,3 +98,31 @@ def test_a_failed_materialisation_encodes_the_image_again(llm):
     # The same request with nothing broken (its pruned embeddings now come from the cache).
     expected, normal = _ask(llm, 20)
     assert normal["images"] == outcome["images"] and tokens == expected
+
+
+@pytest.fixture(scope="module")
+def kernel_llm(engine_models):
+    """The same engine deciding with the fused kernel (Triton's interpreter on this CPU)."""
+    config = {"vision": {**PRUNE_HALF["vision"], "decide_with": "triton"}}
+    with pytest.MonkeyPatch.context() as mp:
+        engine = make_plugin_llm(engine_models("llava"), config, mp)
+        try:
+            yield engine
+        finally:
+            free_llm(engine)
+
+
+@pytest.mark.parametrize("target, seed", [
+    ("asymvlm_vllm.kernels.vision_selection.select_vision_tokens", 30),  # the launch
+    ("asymvlm_vllm.engine.runner.PendingDecisions.result", 40),  # reading the decisions back
+])
+def test_a_failing_kernel_unprunes_its_step_and_the_engine_goes_on(kernel_llm, target, seed):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(target, _boom)
+        tokens, outcome = _ask(kernel_llm, seed)
+    assert outcome["status"] == "error" and outcome["reason"] == "deciding failed: RuntimeError: injected failure"
+    assert outcome["vision_tokens_kept"] == outcome["vision_tokens"] == 64
+    unpruned, off = _ask(kernel_llm, seed, asymvlm="off")
+    assert tokens == unpruned
+    _, after = _ask(kernel_llm, seed + 1)
+    assert after["status"] == "pruned" and after["vision_tokens_kept"] == 32

@@ -52,12 +52,12 @@ def _install_recorder(worker) -> int:
     runner = worker.model_runner
     log = {"decide": {}, "materialize": {}}
     worker._asymvlm_tp_log = log
-    decide, materialize = runner._decide, runner._materialize
+    collect, materialize = runner._collect_decisions, runner._materialize
 
-    def traced_decide(request_id, spec):
-        decision = decide(request_id, spec)
-        log["decide"][request_id] = decision.error or [list(image.keep_rows) for image in decision.images]
-        return decision
+    def traced_collect():
+        collect()
+        for request_id, decision in runner._asymvlm_pending.items():
+            log["decide"][request_id] = decision.error or [list(image.keep_rows) for image in decision.images]
 
     def traced_materialize(identifier, how):
         materialize(identifier, how)
@@ -65,7 +65,7 @@ def _install_recorder(worker) -> int:
         log["materialize"][identifier] = (how.source, list(how.keep_rows),
                                           None if rows is None else rows.detach().to("cpu").clone())
 
-    runner._decide = traced_decide
+    runner._collect_decisions = traced_collect
     runner._materialize = traced_materialize
     return get_tensor_model_parallel_rank()
 

@@ -1,0 +1,218 @@
+"""Where the plugin's time goes per image request: probe step, scoring, rewrite, block hashes,
+encoder-cache copy, re-prefill, against plain vLLM's time to first token, same run.
+
+Two in-process engines of vLLM (plain, and with ``--plugin asymvlm``), the same requests one
+at a time (concurrency 1, so every step belongs to one request), each request stepped by hand
+until its first token. Per request it records each engine step's wall time and what the plugin
+did inside it, by timing the plugin's own methods on the live engine:
+
+* ``probe step``: the step that runs the encoder and decides (its ``decide``: text embedding,
+  scoring and selection, launched in ``_execute_mm_encoder`` and read back after the forward);
+* ``rewrite``: applying the decision in the scheduler: planning the pruned prompt, then the
+  rewrite proper (recomputing the block hashes, registering the pruned encoder-cache entries);
+* ``schedule``: the plugin scheduler's ``schedule`` (vLLM's own included) in all steps;
+* ``encoder-cache copy``: the runner slicing the kept rows out of the full encoder output;
+* ``prefill step``: the step that prefills the pruned prompt and samples the first token;
+* ``re-prefill``: prompt tokens computed twice (the probe's text before the image, computed
+  again after the rewrite unless the prefix cache gives it back).
+
+Rows (one per engine, plus a row of per-request means of each part) go to
+``benchmarks/results/probe_cost.json`` with commit, dirty flag, device and versions::
+
+    python benchmarks/probe_cost.py --cpu-test-engine              # tiny LLaVA, CPU, ~1 min
+    python benchmarks/probe_cost.py --model /models/llava-1.5-7b-hf  # a GPU and a local model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import append_rows, provenance, refuse_dirty_results  # noqa: E402
+
+PARTS = ("schedule", "decide", "read_back", "plan_rewrite", "rewrite", "encoder_cache_copy")
+
+
+class Timers:
+    """Seconds spent in named methods of live engine objects, per request being timed."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, owner, name: str, part: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - started
+
+        setattr(owner, name, timed)
+
+
+def _instrument(llm, plugin: bool) -> Timers:
+    sys.path.insert(0, str(ROOT))
+    from tests.engine.helpers import model_runner, scheduler
+
+    timers = Timers()
+    sched, runner = scheduler(llm), model_runner(llm)
+    timers.wrap(sched, "schedule", "schedule")
+    if plugin:
+        timers.wrap(runner, "_decide", "decide")
+        timers.wrap(runner, "_collect_decisions", "read_back")
+        timers.wrap(runner, "_materialize", "encoder_cache_copy")
+        timers.wrap(sched, "_plan_rewrite", "plan_rewrite")
+        timers.wrap(sched, "_rewrite", "rewrite")
+    return timers
+
+
+def _one_request(llm, timers: Timers, prompt: dict, params, name: str) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from tests.engine.helpers import scheduler
+
+    engine, sched = llm.llm_engine, scheduler(llm)
+    timers.seconds.clear()
+    scheduled: list[int] = []
+    schedule = sched.schedule
+
+    def traced(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        scheduled.append(sum(output.num_scheduled_tokens.values()))
+        return output
+
+    sched.schedule = traced
+    steps: list[float] = []
+    started = time.perf_counter()
+    engine.add_request(name, prompt, params)
+    ttft = None
+    outcome = None
+    try:
+        while engine.has_unfinished_requests():
+            step_started = time.perf_counter()
+            outputs = engine.step()
+            steps.append(time.perf_counter() - step_started)
+            for output in outputs:
+                if output.outputs and output.outputs[0].token_ids and ttft is None:
+                    ttft = time.perf_counter() - started
+                if output.finished:
+                    outcome = (output.kv_transfer_params or {}).get("asymvlm")
+    finally:
+        sched.schedule = schedule
+    working = [s for s, n in zip(steps, scheduled) if n]
+    return {"ttft_seconds": ttft, "steps": len(working), "step_seconds": working,
+            "tokens_scheduled": [n for n in scheduled if n], "parts": dict(timers.seconds), "outcome": outcome}
+
+
+def _requests(count: int, offset: int):
+    sys.path.insert(0, str(ROOT))
+    from tests.engine.helpers import engine_image
+
+    for i in range(count):
+        yield {"prompt": "USER: <image>\nWhat is shown in this picture? Answer briefly.\nASSISTANT:",
+               "multi_modal_data": {"image": engine_image(1000 + offset + i, 224, 224)}}
+
+
+def _summary(runs: list[dict]) -> dict:
+    mean = statistics.fmean
+    steps = max(len(r["step_seconds"]) for r in runs)
+    per_step = [mean(r["step_seconds"][i] for r in runs if len(r["step_seconds"]) > i) for i in range(steps)]
+    tokens = [mean(r["tokens_scheduled"][i] for r in runs if len(r["tokens_scheduled"]) > i) for i in range(steps)]
+    parts = {p: mean(r["parts"].get(p, 0.0) for r in runs) for p in PARTS}
+    return {"requests": len(runs), "ttft_mean_seconds": mean(r["ttft_seconds"] for r in runs),
+            "ttft_median_seconds": statistics.median(r["ttft_seconds"] for r in runs),
+            "steps_to_first_token": mean(r["steps"] for r in runs), "step_seconds": per_step,
+            "tokens_per_step": tokens, "parts_seconds": parts}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="benchmarks/probe_cost.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a local LLaVA-style model directory")
+    parser.add_argument("--cpu-test-engine", action="store_true",
+                        help="vLLM's CPU engine with the test suite's op stand-ins and a tiny random LLaVA")
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--keep-ratio", type=float, default=0.5)
+    parser.add_argument("--decide-with", choices=("auto", "torch", "triton"), default="auto")
+    parser.add_argument("--out", type=Path, default=RESULTS / "probe_cost.json")
+    parser.add_argument("--allow-dirty", action="store_true", help="write results/ from an uncommitted tree")
+    args = parser.parse_args(argv)
+    if not args.model and not args.cpu_test_engine:
+        parser.error("give --model DIR or --cpu-test-engine")
+    from common import checkout
+
+    refuse_dirty_results([args.out], checkout().get("dirty"), args.allow_dirty, "benchmarks/probe_cost.py")
+    config = {"vision": {"budget": {"rule": "uniform", "ratio": args.keep_ratio}, "min_keep": 1,
+                         "decide_with": args.decide_with}}
+    if args.cpu_test_engine:
+        sys.path.insert(0, str(ROOT))
+        from tests.engine.helpers import make_plugin_llm  # sets the CPU engine's env before vLLM loads
+
+        import pytest
+
+        from asymvlm_vllm.hf.tiny import build_tiny_model
+
+        model = build_tiny_model("llava", Path(os.environ.get("TMPDIR", "/tmp")) / "asymvlm-probe-cost-llava")
+
+        def build(plugin_config):
+            return make_plugin_llm(model, plugin_config, pytest.MonkeyPatch(), 64 * 2**20, max_model_len=1024)
+        device = f"cpu ({os.cpu_count()} cores), test op stand-ins, tiny LLaVA"
+    else:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
+        import torch
+        from vllm import LLM
+
+        from asymvlm_vllm.engine.plugin import asymvlm_engine_args
+
+        def build(plugin_config):
+            if plugin_config is None:
+                return LLM(model=args.model, enable_prefix_caching=False)
+            return LLM(**asymvlm_engine_args(args.model, plugin_config, enable_prefix_caching=False))
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    env = provenance(device, "vllm", "torch")
+    engines = {"plain": build(None), "plugin": build(config)}
+    timers = {name: _instrument(llm, name == "plugin") for name, llm in engines.items()}
+    runs: dict[str, list[dict]] = {name: [] for name in engines}
+    for i, prompt in enumerate(_requests(args.warmup + args.requests, 0)):
+        for name, llm in engines.items():  # interleaved: drift hits both alike
+            run = _one_request(llm, timers[name], prompt, params, f"{name}-{i}")
+            if i >= args.warmup:
+                runs[name].append(run)
+    rows = []
+    for name in engines:
+        summary = _summary(runs[name])
+        kept = [r["outcome"].get("vision_tokens_kept") for r in runs[name] if r["outcome"]]
+        rows.append({**env, "engine": name, "keep_ratio": args.keep_ratio if name == "plugin" else 1.0,
+                     "decide_with": args.decide_with if name == "plugin" else None,
+                     "vision_tokens_kept_mean": statistics.fmean(kept) if kept else None, **summary})
+    plain, plugin = rows
+    plugin["ttft_ratio"] = plugin["ttft_mean_seconds"] / plain["ttft_mean_seconds"]
+    print(f"time to first token, mean of {args.requests} requests one at a time: plain "
+          f"{plain['ttft_mean_seconds'] * 1e3:.2f} ms in {plain['steps_to_first_token']:.1f} steps, plugin "
+          f"{plugin['ttft_mean_seconds'] * 1e3:.2f} ms in {plugin['steps_to_first_token']:.1f} steps "
+          f"({plugin['ttft_ratio']:.2f}x)")
+    for row in rows:
+        print(f"  {row['engine']:>6} steps: " + ", ".join(
+            f"{s * 1e3:.2f} ms ({t:.0f} tokens)" for s, t in zip(row["step_seconds"], row["tokens_per_step"])))
+    print("  plugin parts per request: " + ", ".join(
+        f"{p} {s * 1e3:.2f} ms" for p, s in plugin["parts_seconds"].items()))
+    print(f"  plain schedule per request: {plain['parts_seconds']['schedule'] * 1e3:.2f} ms")
+    append_rows(args.out, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
