@@ -13,6 +13,8 @@ did inside it, by timing the plugin's own methods on the live engine:
 * ``schedule``: the plugin scheduler's ``schedule`` (vLLM's own included) in all steps;
 * ``encoder-cache copy``: the runner slicing the kept rows out of the full encoder output;
 * ``prefill step``: the step that prefills the pruned prompt and samples the first token;
+* ``decode step``: the median one-token decode step after it, what an engine step costs with
+  almost nothing to compute: the floor of the probe's extra step;
 * ``re-prefill``: prompt tokens computed twice (the probe's text before the image, computed
   again after the rewrite unless the prefix cache gives it back).
 
@@ -96,6 +98,7 @@ def _one_request(llm, timers: Timers, prompt: dict, params, name: str) -> dict:
     started = time.perf_counter()
     engine.add_request(name, prompt, params)
     ttft = None
+    first_token_step = None
     outcome = None
     try:
         while engine.has_unfinished_requests():
@@ -105,13 +108,16 @@ def _one_request(llm, timers: Timers, prompt: dict, params, name: str) -> dict:
             for output in outputs:
                 if output.outputs and output.outputs[0].token_ids and ttft is None:
                     ttft = time.perf_counter() - started
+                    first_token_step = len(steps)
                 if output.finished:
                     outcome = (output.kv_transfer_params or {}).get("asymvlm")
     finally:
         sched.schedule = schedule
-    working = [s for s, n in zip(steps, scheduled) if n]
-    return {"ttft_seconds": ttft, "steps": len(working), "step_seconds": working,
-            "tokens_scheduled": [n for n in scheduled if n], "parts": dict(timers.seconds), "outcome": outcome}
+    prefill = [(s, n) for s, n in zip(steps[:first_token_step], scheduled) if n]
+    decode = steps[first_token_step:]
+    return {"ttft_seconds": ttft, "steps": len(prefill), "step_seconds": [s for s, _ in prefill],
+            "tokens_scheduled": [n for _, n in prefill], "decode_step_seconds": decode,
+            "parts": dict(timers.seconds), "outcome": outcome}
 
 
 def _requests(count: int, offset: int):
@@ -126,12 +132,15 @@ def _requests(count: int, offset: int):
 def _summary(runs: list[dict]) -> dict:
     mean = statistics.fmean
     steps = max(len(r["step_seconds"]) for r in runs)
-    per_step = [mean(r["step_seconds"][i] for r in runs if len(r["step_seconds"]) > i) for i in range(steps)]
+    median = statistics.median
+    per_step = [median(r["step_seconds"][i] for r in runs if len(r["step_seconds"]) > i) for i in range(steps)]
     tokens = [mean(r["tokens_scheduled"][i] for r in runs if len(r["tokens_scheduled"]) > i) for i in range(steps)]
-    parts = {p: mean(r["parts"].get(p, 0.0) for r in runs) for p in PARTS}
+    parts = {p: median(r["parts"].get(p, 0.0) for r in runs) for p in PARTS}
+    decode = [s for r in runs for s in r["decode_step_seconds"]]
     return {"requests": len(runs), "ttft_mean_seconds": mean(r["ttft_seconds"] for r in runs),
+            "decode_step_median_seconds": statistics.median(decode) if decode else None,
             "ttft_median_seconds": statistics.median(r["ttft_seconds"] for r in runs),
-            "steps_to_first_token": mean(r["steps"] for r in runs), "step_seconds": per_step,
+            "steps_to_first_token": mean(r["steps"] for r in runs), "step_median_seconds": per_step,
             "tokens_per_step": tokens, "parts_seconds": parts}
 
 
@@ -166,6 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         def build(plugin_config):
             return make_plugin_llm(model, plugin_config, pytest.MonkeyPatch(), 64 * 2**20, max_model_len=1024)
+        from tests.engine.helpers import free_llms as free
         device = f"cpu ({os.cpu_count()} cores), test op stand-ins, tiny LLaVA"
     else:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
@@ -174,6 +184,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         from asymvlm_vllm.engine.plugin import asymvlm_engine_args
 
+        def free(llms):
+            pass  # the process ends
+
         def build(plugin_config):
             if plugin_config is None:
                 return LLM(model=args.model, enable_prefix_caching=False)
@@ -181,16 +194,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=1, temperature=0.0)
+    # Three tokens: the steps after the first token are one-token decode steps, what an engine
+    # step costs with almost no compute (the floor the probe's extra step cannot go below).
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     env = provenance(device, "vllm", "torch")
     engines = {"plain": build(None), "plugin": build(config)}
     timers = {name: _instrument(llm, name == "plugin") for name, llm in engines.items()}
     runs: dict[str, list[dict]] = {name: [] for name in engines}
-    for i, prompt in enumerate(_requests(args.warmup + args.requests, 0)):
-        for name, llm in engines.items():  # interleaved: drift hits both alike
-            run = _one_request(llm, timers[name], prompt, params, f"{name}-{i}")
-            if i >= args.warmup:
-                runs[name].append(run)
+    try:
+        for i, prompt in enumerate(_requests(args.warmup + args.requests, 0)):
+            for name, llm in engines.items():  # interleaved: drift hits both alike
+                run = _one_request(llm, timers[name], prompt, params, f"{name}-{i}")
+                if i >= args.warmup:
+                    runs[name].append(run)
+    finally:
+        free(list(engines.values()))
     rows = []
     for name in engines:
         summary = _summary(runs[name])
@@ -199,15 +217,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "decide_with": args.decide_with if name == "plugin" else None,
                      "vision_tokens_kept_mean": statistics.fmean(kept) if kept else None, **summary})
     plain, plugin = rows
-    plugin["ttft_ratio"] = plugin["ttft_mean_seconds"] / plain["ttft_mean_seconds"]
-    print(f"time to first token, mean of {args.requests} requests one at a time: plain "
-          f"{plain['ttft_mean_seconds'] * 1e3:.2f} ms in {plain['steps_to_first_token']:.1f} steps, plugin "
-          f"{plugin['ttft_mean_seconds'] * 1e3:.2f} ms in {plugin['steps_to_first_token']:.1f} steps "
+    plugin["ttft_ratio"] = plugin["ttft_median_seconds"] / plain["ttft_median_seconds"]
+    print(f"time to first token, median of {args.requests} requests one at a time: plain "
+          f"{plain['ttft_median_seconds'] * 1e3:.2f} ms in {plain['steps_to_first_token']:.1f} steps, plugin "
+          f"{plugin['ttft_median_seconds'] * 1e3:.2f} ms in {plugin['steps_to_first_token']:.1f} steps "
           f"({plugin['ttft_ratio']:.2f}x)")
     for row in rows:
-        print(f"  {row['engine']:>6} steps: " + ", ".join(
-            f"{s * 1e3:.2f} ms ({t:.0f} tokens)" for s, t in zip(row["step_seconds"], row["tokens_per_step"])))
-    print("  plugin parts per request: " + ", ".join(
+        print(f"  {row['engine']:>6} steps to the first token: " + ", ".join(
+            f"{s * 1e3:.2f} ms ({t:.0f} tokens)" for s, t in zip(row["step_median_seconds"], row["tokens_per_step"]))
+            + f"; a one-token decode step: {row['decode_step_median_seconds'] * 1e3:.2f} ms (median)")
+    print("  plugin parts per request (medians): " + ", ".join(
         f"{p} {s * 1e3:.2f} ms" for p, s in plugin["parts_seconds"].items()))
     print(f"  plain schedule per request: {plain['parts_seconds']['schedule'] * 1e3:.2f} ms")
     append_rows(args.out, rows)
