@@ -1,10 +1,13 @@
 """Where the plugin's time goes per image request: probe step, scoring, rewrite, block hashes,
 encoder-cache copy, re-prefill, against plain vLLM's time to first token, same run.
 
-Two in-process engines of vLLM (plain, and with ``--plugin asymvlm``), the same requests one
-at a time (concurrency 1, so every step belongs to one request), each request stepped by hand
-until its first token. Per request it records each engine step's wall time and what the plugin
-did inside it, by timing the plugin's own methods on the live engine:
+Three in-process engines of vLLM: plain; with ``--plugin asymvlm`` and its probe running the
+language model's forward pass (``vision.encoder_only_probes: false``, how every probe ran up to
+commit 684c9d7); and with the plugin's defaults, where a step that only probes skips the forward
+pass. The same requests go to all three one at a time (concurrency 1, so every step belongs to
+one request), interleaved, each stepped by hand until its first token. Per request it records
+each engine step's wall time and what the plugin did inside it, by timing the plugin's own
+methods on the live engine:
 
 * ``probe step``: the step that runs the encoder and decides (its ``decide``: text embedding,
   scoring and selection, launched in ``_execute_mm_encoder`` and read back after the forward);
@@ -15,10 +18,11 @@ did inside it, by timing the plugin's own methods on the live engine:
 * ``prefill step``: the step that prefills the pruned prompt and samples the first token;
 * ``decode step``: the median one-token decode step after it, what an engine step costs with
   almost nothing to compute: the floor of the probe's extra step;
-* ``re-prefill``: prompt tokens computed twice (the probe's text before the image, computed
-  again after the rewrite unless the prefix cache gives it back).
+* ``re-prefill``: the probe step's tokens (the text before the image), computed again after
+  the rewrite unless the prefix cache gives them back; an encoder-only probe never computes
+  them the first time.
 
-Rows (one per engine, plus a row of per-request means of each part) go to
+Rows (one per engine, with per-request medians of each part) go to
 ``benchmarks/results/probe_cost.json`` with commit, dirty flag, device and versions::
 
     python benchmarks/probe_cost.py --cpu-test-engine              # tiny LLaVA, CPU, ~1 min
@@ -198,37 +202,43 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # step costs with almost no compute (the floor the probe's extra step cannot go below).
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     env = provenance(device, "vllm", "torch")
-    engines = {"plain": build(None), "plugin": build(config)}
-    timers = {name: _instrument(llm, name == "plugin") for name, llm in engines.items()}
+    # The probe with its forward pass ("before": every probe step ran the language model, as up
+    # to commit 684c9d7) and without it when a step only probes ("after", the default), measured
+    # in the same run against the same plain engine.
+    variants = {"plain": None, "plugin, probe with forward pass": {"encoder_only_probes": False},
+                "plugin": {"encoder_only_probes": True}}
+    engines = {name: build(None if extra is None else {"vision": {**config["vision"], **extra}})
+               for name, extra in variants.items()}
+    timers = {name: _instrument(llm, variants[name] is not None) for name, llm in engines.items()}
     runs: dict[str, list[dict]] = {name: [] for name in engines}
     try:
         for i, prompt in enumerate(_requests(args.warmup + args.requests, 0)):
-            for name, llm in engines.items():  # interleaved: drift hits both alike
-                run = _one_request(llm, timers[name], prompt, params, f"{name}-{i}")
+            for name, llm in engines.items():  # interleaved: drift hits every engine alike
+                run = _one_request(llm, timers[name], prompt, params, f"{i}")
                 if i >= args.warmup:
                     runs[name].append(run)
     finally:
         free(list(engines.values()))
     rows = []
-    for name in engines:
+    for name, extra in variants.items():
         summary = _summary(runs[name])
         kept = [r["outcome"].get("vision_tokens_kept") for r in runs[name] if r["outcome"]]
-        rows.append({**env, "engine": name, "keep_ratio": args.keep_ratio if name == "plugin" else 1.0,
-                     "decide_with": args.decide_with if name == "plugin" else None,
+        rows.append({**env, "engine": name, "keep_ratio": args.keep_ratio if extra is not None else 1.0,
+                     "decide_with": args.decide_with if extra is not None else None,
+                     "encoder_only_probes": None if extra is None else extra["encoder_only_probes"],
                      "vision_tokens_kept_mean": statistics.fmean(kept) if kept else None, **summary})
-    plain, plugin = rows
-    plugin["ttft_ratio"] = plugin["ttft_median_seconds"] / plain["ttft_median_seconds"]
-    print(f"time to first token, median of {args.requests} requests one at a time: plain "
-          f"{plain['ttft_median_seconds'] * 1e3:.2f} ms in {plain['steps_to_first_token']:.1f} steps, plugin "
-          f"{plugin['ttft_median_seconds'] * 1e3:.2f} ms in {plugin['steps_to_first_token']:.1f} steps "
-          f"({plugin['ttft_ratio']:.2f}x)")
+    plain = rows[0]
+    print(f"time to first token, median of {args.requests} requests one at a time:")
     for row in rows:
-        print(f"  {row['engine']:>6} steps to the first token: " + ", ".join(
-            f"{s * 1e3:.2f} ms ({t:.0f} tokens)" for s, t in zip(row["step_median_seconds"], row["tokens_per_step"]))
-            + f"; a one-token decode step: {row['decode_step_median_seconds'] * 1e3:.2f} ms (median)")
-    print("  plugin parts per request (medians): " + ", ".join(
-        f"{p} {s * 1e3:.2f} ms" for p, s in plugin["parts_seconds"].items()))
-    print(f"  plain schedule per request: {plain['parts_seconds']['schedule'] * 1e3:.2f} ms")
+        row["ttft_ratio"] = row["ttft_median_seconds"] / plain["ttft_median_seconds"]
+        row["ttft_extra_seconds"] = row["ttft_median_seconds"] - plain["ttft_median_seconds"]
+        print(f"  {row['engine']:>31}: {row['ttft_median_seconds'] * 1e3:6.2f} ms ({row['ttft_ratio']:.2f}x) in "
+              f"{row['steps_to_first_token']:.0f} steps: " + ", ".join(
+                  f"{s * 1e3:.2f} ms ({t:.0f} tokens)" for s, t in zip(row["step_median_seconds"], row["tokens_per_step"]))
+              + f"; a one-token decode step {row['decode_step_median_seconds'] * 1e3:.2f} ms")
+        if row["encoder_only_probes"] is not None:
+            print("  " + " " * 33 + "per request: " + ", ".join(
+                f"{p} {v * 1e3:.2f} ms" for p, v in row["parts_seconds"].items()))
     append_rows(args.out, rows)
     return rows
 

@@ -4,9 +4,15 @@ asymvlm``, both driven by vLLM's own load generator (``vllm bench serve``) in th
 For each memory regime, plain vLLM and then the plugin are started with identical flags on
 127.0.0.1, one after the other; each serves every concurrency level with
 ``vllm bench serve --backend openai-chat --endpoint /v1/chat/completions --dataset-name random-mm``
-(one image per request, fixed size, fixed input and output lengths, ``--ignore-eos``). The seed
-differs per concurrency level and is the same for both sides, so the two servers see the same
-requests and no level reuses another's prefixes or images (no cache inflates either side).
+(one image per request, fixed size, fixed input and output lengths, ``--ignore-eos``), or with
+``--dataset FILE.jsonl`` image-QA requests of your own (``custom_image``: a question and local
+image files per line). The seed differs per concurrency level and is the same for both sides,
+so the two servers see the same requests. Before every level the server's prefix,
+multimodal and encoder caches are emptied (vLLM's dev endpoints, ``VLLM_SERVER_DEV_MODE=1`` on
+these servers only), so no level reuses what an earlier one cached.
+``--compare-probe-forward`` adds a third server, the plugin with every probe running the
+language model (``vision.encoder_only_probes: false``, the behaviour up to commit 684c9d7): a
+before/after of the encoder-only probe in the same run.
 While a level runs, ``/metrics`` is sampled: peak KV-cache usage, preemptions and, for the
 plugin, the vision tokens kept (these count the load generator's warm-up requests too). Every server is stopped, also on failure.
 
@@ -161,11 +167,7 @@ def bench_command(args, server: Server, concurrency: int, seed: int, out_dir: Pa
         str(Path(sys.executable).with_name("vllm")), "bench", "serve",
         "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", server.url,
         "--model", args.model_name, "--tokenizer", args.model_dir,
-        "--dataset-name", "random-mm", "--random-input-len", str(args.input_len),
-        "--random-output-len", str(args.output_len), "--random-range-ratio", "0",
-        "--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
-        "--random-mm-limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
-        "--random-mm-bucket-config", str({(height, width, 1): 1.0}),
+        *dataset_flags(args, height, width),
         "--num-prompts", str(args.num_prompts or max(4 * concurrency, 16)), "--max-concurrency", str(concurrency),
         "--seed", str(seed), "--ignore-eos", "--temperature", "0", "--disable-tqdm",
         "--num-warmups", str(args.num_warmups if args.num_warmups is not None else concurrency),
@@ -181,6 +183,31 @@ def bench_command(args, server: Server, concurrency: int, seed: int, out_dir: Pa
     return command
 
 
+def dataset_flags(args, height: int, width: int) -> list[str]:
+    """``vllm bench serve``'s dataset: random-mm (one image of a fixed size, fixed lengths), or
+    the image-QA JSONL of ``--dataset`` (images read and sent inline by the load generator)."""
+    if args.dataset is not None:
+        return ["--dataset-name", "custom_image", "--dataset-path", str(args.dataset.resolve()),
+                "--custom-output-len", str(args.output_len), "--custom-ensure-client-side-data"]
+    return ["--dataset-name", "random-mm", "--random-input-len", str(args.input_len),
+            "--random-output-len", str(args.output_len), "--random-range-ratio", "0",
+            "--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
+            "--random-mm-limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
+            "--random-mm-bucket-config", str({(height, width, 1): 1.0})]
+
+
+def reset_caches(server: "Server") -> None:
+    """Empty the server's prefix, multimodal and encoder caches (vLLM's dev endpoints), so that
+    no level starts with what an earlier one left (a dataset repeats its images)."""
+    import httpx
+
+    for path in ("/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache"):
+        response = httpx.post(server.url + path, timeout=60)
+        response.raise_for_status()
+    if httpx.post(server.url + "/reset_prefix_cache", timeout=60).json().get("success") is not True:
+        raise RuntimeError(f"{server.url} did not reset its prefix cache")
+
+
 def _hw(image: str) -> tuple[int, int]:
     width, height = (int(x) for x in image.lower().split("x"))
     return height, width
@@ -189,6 +216,7 @@ def _hw(image: str) -> tuple[int, int]:
 def run_level(args, server: Server, concurrency: int, seed: int, work: Path, label: str, env: dict) -> dict:
     name = f"{label}-c{concurrency}.json"
     command = bench_command(args, server, concurrency, seed, work, name)
+    reset_caches(server)
     with sampling(server.url) as sampled:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.level_timeout)
     if done.returncode != 0:
@@ -223,7 +251,9 @@ def save_chart(rows: list[dict], path: Path) -> Path:
     width, height, pad = 420, 300, 50
     img = Image.new("RGB", (width * len(panels), height), "white")
     draw = ImageDraw.Draw(img)
-    colors = {"plain vLLM": (90, 90, 90), "AsymVLM": (214, 39, 40)}
+    colors = {"plain vLLM": (90, 90, 90), "AsymVLM, probe with forward pass": (31, 119, 180),
+              "AsymVLM": (214, 39, 40)}
+    colors = {side: color for side, color in colors.items() if any(r["side"] == side for r in rows)}
     for p, (regime, key) in enumerate(panels):
         x0 = p * width
         sub = [r for r in rows if r["regime"] == regime and r.get(key) is not None]
@@ -252,7 +282,7 @@ def save_chart(rows: list[dict], path: Path) -> Path:
             for x, y in points:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         for i, (side, color) in enumerate(colors.items()):
-            draw.text((x0 + width - pad - 90, pad + 14 * i), side, fill=color)
+            draw.text((x0 + width - pad - 200, pad + 14 * i), side, fill=color)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
@@ -278,6 +308,12 @@ def parse_args(argv):
     parser.add_argument("--num-warmups", type=int, default=None,
                         help="warm-up requests per level, not timed (default: the concurrency)")
     parser.add_argument("--asymvlm-config", default=None, help="--asymvlm-config of the plugin server")
+    parser.add_argument("--compare-probe-forward", action="store_true",
+                        help="a third server: the plugin with vision.encoder_only_probes false (every probe runs "
+                             "the language model, as before commit 684c9d7), for a before/after in the same run")
+    parser.add_argument("--dataset", type=Path, default=None, metavar="FILE.jsonl",
+                        help="image-QA requests instead of random-mm: one JSON object per line, "
+                             '{"prompt": "question", "image_files": ["path.png"]} (vllm bench\'s custom_image)')
     parser.add_argument("--keep-ratio", type=float, default=None, help="per-request asymvlm_keep_ratio")
     parser.add_argument("--text-budget", type=int, default=None, help="per-request asymvlm_text_budget")
     parser.add_argument("--trust-remote-code", action="store_true", help="both servers and the load generator")
@@ -326,6 +362,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common = {**env_info, "model": args.model, "input_len": args.input_len, "output_len": args.output_len,
               "image": args.image, "keep_ratio_option": args.keep_ratio, "text_budget_option": args.text_budget,
               "asymvlm_config": args.asymvlm_config, "serve_flags": serve_flags, "smoke": args.smoke,
+              "dataset": str(args.dataset) if args.dataset else None,
               "seed": args.seed, "tight_blocks": args.tight_blocks if "tight" in args.regimes else None}
     rows: list[dict] = []
     try:
@@ -348,13 +385,32 @@ def tight_flags(args, serve_flags: list[str]) -> list[str]:
     return ["--num-gpu-blocks-override", str(args.tight_blocks), "--max-model-len", str(fits)]
 
 
+SIDE_LABELS = {"plain vLLM": "plain", "AsymVLM, probe with forward pass": "plugin-probe-forward", "AsymVLM": "plugin"}
+
+
+def sides(args, plugin_flags: list[str], work: Path) -> list[tuple[str, list[str]]]:
+    """(side, extra ``vllm serve`` flags): plain vLLM, [the plugin probing with a forward pass,]
+    the plugin."""
+    out = [("plain vLLM", [])]
+    if args.compare_probe_forward:
+        from asymvlm_vllm.core import AsymVLMConfig
+
+        config = AsymVLMConfig.load(args.asymvlm_config) if args.asymvlm_config else AsymVLMConfig()
+        config = config.model_copy(update={"vision": config.vision.model_copy(update={"encoder_only_probes": False})})
+        path = work / "probe-forward.yaml"
+        path.write_text(config.to_yaml())
+        out.append(("AsymVLM, probe with forward pass", ["--plugin", "asymvlm", "--asymvlm-config", str(path)]))
+    out.append(("AsymVLM", plugin_flags))
+    return out
+
+
 def run_regime(args, regime: str, plugin_flags, serve_flags, env, work: Path, common: dict) -> list[dict]:
     rows = []
     regime_flags = tight_flags(args, serve_flags) if regime == "tight" else []
-    for side, flags in (("plain vLLM", []), ("AsymVLM", plugin_flags)):
-        label = f"{regime}-{'plain' if not flags else 'plugin'}"
-        server = Server(args.model, [*flags, *serve_flags, *regime_flags], env, work / f"{label}.log",
-                        args.startup_timeout)
+    for side, flags in sides(args, plugin_flags, work):
+        label = f"{regime}-{SIDE_LABELS[side]}"
+        server = Server(args.model, [*flags, *serve_flags, *regime_flags], {**env, "VLLM_SERVER_DEV_MODE": "1"},
+                        work / f"{label}.log", args.startup_timeout)
         try:
             for level, concurrency in enumerate(args.concurrency):
                 row = run_level(args, server, concurrency, args.seed + 1000 * level, work, label, env)
@@ -376,7 +432,8 @@ def write(args, rows: list[dict]) -> None:
             row[f"{key}_ratio"] = row[key] / base[key] if row[key] is not None and base[key] else None
     print(f"\n{'regime':>7} | {'concurrency':>11} | req/s ratio | out tok/s ratio | TTFT ratio | TPOT ratio | ITL ratio | kept")
     for row in rows:
-        if row["side"] == "AsymVLM":
+        if row["side"] != "plain vLLM":
+            print(f"{row['side']:>32} " if args.compare_probe_forward else "", end="")
             print(f"{row['regime']:>7} | {row['concurrency']:>11} | {row['request_throughput_ratio']:11.2f} | "
                   f"{row['output_throughput_ratio']:15.2f} | {row['mean_ttft_ms_ratio']:10.2f} | "
                   f"{row['mean_tpot_ms_ratio']:10.2f} | {row['mean_itl_ms_ratio']:9.2f} | {row['kept_ratio']}")

@@ -50,6 +50,10 @@ class VisionPruningConfig(_Section):
         default=2, ge=0, le=16,
         description="encoder-cache room added to vLLM's, in steps of encoder budget: the probes' full outputs "
                     "beside the pruned copies being prefilled (0: vLLM's size, probes may wait for space)")
+    encoder_only_probes: bool = Field(
+        default=True,
+        description="engine: a step that only probes runs the vision encoder and the decision without the "
+                    "language model's forward pass and sampling, whose results the rewrite discards anyway")
     decide_with: DecideWith = Field(
         default="auto",
         description="how the engine scores and selects at the probe step: 'triton' is one packed launch of the "

@@ -51,6 +51,9 @@ class StepPlan:
     mrope: dict[str, tuple[list[list[int]], int]] = field(default_factory=dict)
     """Request id → (kept tokens' original (3, T') M-RoPE positions, position delta), for
     requests (re)admitted in this step after pruning."""
+    encoder_only: bool = False
+    """Every request of the step is a probe: the runner runs the encoder and decides, and skips
+    the language model's forward pass and sampling (see ``AsymVLMScheduler._encoder_only``)."""
     text: dict[str, Any] = field(default_factory=dict)
     """Request id → its :class:`~asymvlm_vllm.core.eviction.BlockEviction`, for requests
     (re)admitted in this step whose generated tokens are evicted past a budget."""

@@ -409,6 +409,7 @@ class AsymVLMRunnerMixin(TextEvictionRunnerMixin):
         self._asymvlm_launched: list[PendingDecisions] = []
         self._asymvlm_mrope: dict[str, tuple[list[list[int]], int]] = {}
         self._asymvlm_kernel = False
+        self._asymvlm_encoder_only_output: Any = None
         self._asymvlm_unmaterialized: set[str] = set()
         self._asymvlm_generator_states: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
         self._text_init()
@@ -597,8 +598,12 @@ class AsymVLMRunnerMixin(TextEvictionRunnerMixin):
             target.asymvlm_evictions, self._text_choices = self._text_choices, {}
         return output
 
-    def execute_model(self, *args: Any, **kwargs: Any):
-        output = super().execute_model(*args, **kwargs)
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any):
+        plan = getattr(scheduler_output, "asymvlm", None)
+        if isinstance(plan, StepPlan) and plan.encoder_only:
+            self._encoder_only_step(scheduler_output)
+            return None  # the engine asks sample_tokens for the output, as after a forward pass
+        output = super().execute_model(scheduler_output, *args, **kwargs)
         if self._text_due:
             try:
                 self._text_evict()
@@ -607,4 +612,21 @@ class AsymVLMRunnerMixin(TextEvictionRunnerMixin):
         return self._attach_decisions(output)
 
     def sample_tokens(self, *args: Any, **kwargs: Any):
+        if self._asymvlm_encoder_only_output is not None:
+            output, self._asymvlm_encoder_only_output = self._asymvlm_encoder_only_output, None
+            return self._attach_decisions(output)
         return self._attach_decisions(super().sample_tokens(*args, **kwargs))
+
+    def _encoder_only_step(self, scheduler_output: Any) -> None:
+        """A step of probes only: update the batch, run the encoder and decide; no forward pass
+        and no sampling (the scheduler discards the probes' few text tokens either way, and
+        gives their unwritten blocks back). As vLLM's own encoder-only step does for an
+        encoder instance (``make_empty_encoder_model_runner_output``)."""
+        from vllm.v1.outputs import make_empty_encoder_model_runner_output
+
+        with self.synchronize_input_prep():
+            corrections = self._update_states(scheduler_output)
+            self._execute_mm_encoder(scheduler_output)
+        if corrections is not None:
+            corrections()
+        self._asymvlm_encoder_only_output = make_empty_encoder_model_runner_output(scheduler_output)

@@ -64,6 +64,9 @@ class RequestPruning:
     mrope: tuple[list[list[int]], int] | None = None
     answer_spans: list[tuple[int, int]] = field(default_factory=list)
     """Previous answers the multi-turn rule chooses among (empty: they fit the budget)."""
+    unwritten: bool = False
+    """Probed in an encoder-only step: the tokens counted computed have no KV; whatever the
+    decision, the request starts over (``_start_over``)."""
 
 
 @dataclass
@@ -338,6 +341,10 @@ class AsymVLMScheduler(Scheduler):
                 state.probe_started = now
                 plan.probes[request_id] = ProbeSpec(features, dict(state.options), list(state.answer_spans))
         self._step_probes = {}
+        if plan.probes and self._encoder_only(output, plan):
+            plan.encoder_only = True
+            for request_id in plan.probes:
+                self._pruning[request_id].unwritten = True
         plan.materialize, self._pending_materialize = self._pending_materialize, {}
         for request_id, features in output.scheduled_encoder_inputs.items():
             state = self._pruning.get(request_id)
@@ -357,6 +364,30 @@ class AsymVLMScheduler(Scheduler):
                 plan.text[new_request.req_id] = record.policy
         output.asymvlm = plan
         return output
+
+    def _encoder_only(self, output: Any, plan: StepPlan) -> bool:
+        """Whether this step can skip the language model: it schedules nothing but probes,
+        whose few text tokens the rewrite recomputes anyway, and no block they fill is
+        offered to the prefix cache (its KV would never be written)."""
+        if (not self.asymvlm_config.vision.encoder_only_probes or set(output.num_scheduled_tokens) != set(plan.probes)
+                or output.scheduled_spec_decode_tokens or self.connector is not None
+                or self.ec_connector is not None):
+            return False
+        if not self.cache_config.enable_prefix_caching:
+            return True
+        sizes = [g.kv_cache_spec.block_size for g in self.kv_cache_config.kv_cache_groups] or [self.block_size]
+        for request_id, count in output.num_scheduled_tokens.items():
+            end = self.requests[request_id].num_computed_tokens  # already advanced by this step
+            if any((end - count) // size != end // size for size in sizes):
+                return False
+        return True
+
+    def _start_over(self, request: Request, state: RequestPruning) -> None:
+        """A request probed in an encoder-only step that goes on unrewritten gives back its
+        blocks and is prefilled from its first uncached token, like a preempted request."""
+        state.unwritten = False
+        if request.status == RequestStatus.RUNNING:
+            self._release(request)
 
     # ------------------------------------------------------------------ decide → rewrite
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -386,6 +417,9 @@ class AsymVLMScheduler(Scheduler):
                 state = self._pruning.get(request_id)
                 if state is not None and state.phase != _DONE:
                     self._finish_record(state, "error", f"rewriting failed: {type(e).__name__}: {e}")
+            state, request = self._pruning.get(request_id), self.requests.get(request_id)
+            if state is not None and state.unwritten and request is not None and not request.is_finished():
+                self._start_over(request, state)
         self._announce_outcomes(outputs, changed)
         return outputs
 
@@ -518,6 +552,9 @@ class AsymVLMScheduler(Scheduler):
         """Give back the request's KV blocks and encoder-cache references and queue it as a new
         request. vLLM's own preemption does this; the event and the preemption count it adds
         are taken back, because this is not memory pressure."""
+        state = self._pruning.get(request.request_id)
+        if state is not None:
+            state.unwritten = False
         self.running.remove(request)
         num_events = len(request.events)
         self._preempt_request(request, time.monotonic())

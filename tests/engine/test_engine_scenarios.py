@@ -546,7 +546,12 @@ def test_min_keep_above_the_image_tokens_keeps_every_token(engines, trace):
     assert [(i["tokens"], i["kept"]) for i in outcome["images"]] == [(64, 64)]
     assert outcome["vision_tokens_kept"] == outcome["vision_tokens"] == 64
     assert outcome["prompt_tokens_prefilled"] == outcome["prompt_tokens"]
-    assert len(trace.admissions["min_keep/run"]) == 1  # decided, nothing to rewrite: it just continues
+    # Decided, nothing to rewrite. Its probe ran alone, encoder-only (no KV for the probe's
+    # tokens), so it started over: admitted again, unrewritten, the whole prompt scheduled.
+    probe, again = trace.admissions["min_keep/run"]
+    assert again.prompt_len == probe.prompt_len == outcome["prompt_tokens"]
+    assert again.identifiers == probe.identifiers and again.num_computed_tokens == 0
+    assert again.num_scheduled_tokens == outcome["prompt_tokens"]
     unpruned = _unpruned_run(engines, "llava", prompt, "min_keep/off")
     assert _tokens(out) == _tokens(unpruned)
     _assert_idle(engines, "llava")

@@ -185,28 +185,40 @@ def test_two_images_in_one_prompt_are_both_pruned(async_scheduling):
     assert_drained(sched, 128)
 
 
+WITH_FORWARD_PROBE = {"vision": {**UNIFORM_HALF["vision"], "encoder_only_probes": False}}
+
+
 @pytest.mark.parametrize("async_scheduling", ASYNC)
-def test_keep_all_continues_without_rewrite(async_scheduling):
-    sched = build_scheduler(64, 8, UNIFORM_HALF, async_scheduling=async_scheduling, max_num_batched_tokens=256,
+@pytest.mark.parametrize("encoder_only", [True, False], ids=["encoder-only-probe", "probe-with-forward"])
+def test_keep_all_continues_without_rewrite(async_scheduling, encoder_only):
+    config = UNIFORM_HALF if encoder_only else WITH_FORWARD_PROBE
+    sched = build_scheduler(64, 8, config, async_scheduling=async_scheduling, max_num_batched_tokens=256,
                             max_num_seqs=8)
     req = make_request(sched, "r0", text(10), images=[(4, 24, "img0")], max_tokens=2)
     original = list(req.prompt_token_ids)
     rec = Recorder(sched)
     result = drive(sched, SimulatedRunner(sched, keep_ratio=1.0), [req], after_schedule=rec)
     steps = rec.scheduled()
-    assert steps[0]["tokens"] == {"r0": 4}
-    # It continues from where the probe left it: no release, no new request, the rest of the prompt.
-    assert steps[1]["tokens"] == {"r0": 30} and steps[1]["new"] == []
+    assert steps[0]["tokens"] == {"r0": 4} and steps[0]["plan"].encoder_only == encoder_only
+    if encoder_only:
+        # The probe's 4 tokens have no KV: it gives its blocks back and starts over, unrewritten.
+        assert steps[1]["tokens"] == {"r0": 34} and steps[1]["new"] == ["r0"]
+    else:
+        # It continues from where the probe left it: no release, no new request, the rest of the prompt.
+        assert steps[1]["tokens"] == {"r0": 30} and steps[1]["new"] == []
     assert req.prompt_token_ids == original and req.mm_features[0].identifier == "img0"
     outcome = result.finished["r0"].kv_transfer_params["asymvlm"]
     assert outcome["status"] == "pruned" and outcome["vision_tokens_kept"] == outcome["vision_tokens"] == 24
+    assert req.num_preemptions == 0  # starting over is not a preemption
     assert_drained(sched, 64)
 
 
 @pytest.mark.parametrize("async_scheduling", ASYNC)
 @pytest.mark.parametrize("failure", ["error", "missing"])
-def test_failed_decision_runs_unpruned(async_scheduling, failure):
-    sched = build_scheduler(64, 8, UNIFORM_HALF, async_scheduling=async_scheduling, max_num_batched_tokens=256,
+@pytest.mark.parametrize("encoder_only", [True, False], ids=["encoder-only-probe", "probe-with-forward"])
+def test_failed_decision_runs_unpruned(async_scheduling, failure, encoder_only):
+    config = UNIFORM_HALF if encoder_only else WITH_FORWARD_PROBE
+    sched = build_scheduler(64, 8, config, async_scheduling=async_scheduling, max_num_batched_tokens=256,
                             max_num_seqs=8)
     runner = SimulatedRunner(sched, keep_ratio=0.5, error_rate=float(failure == "error"),
                              missing_rate=float(failure == "missing"))
@@ -214,11 +226,35 @@ def test_failed_decision_runs_unpruned(async_scheduling, failure):
     original = list(req.prompt_token_ids)
     rec = Recorder(sched)
     result = drive(sched, runner, [req], after_schedule=rec)
-    assert [s["tokens"] for s in rec.scheduled()][:2] == [{"r0": 4}, {"r0": 30}]
+    assert [s["tokens"] for s in rec.scheduled()][:2] == [{"r0": 4}, {"r0": 34 if encoder_only else 30}]
     assert req.prompt_token_ids == original
     outcome = result.finished["r0"].kv_transfer_params["asymvlm"]
     assert outcome["status"] == "error" and outcome["vision_tokens_kept"] == 24 and outcome["reason"]
     assert result.tokens["r0"] == [SAMPLED_TOKEN_ID] * 2
+    assert_drained(sched, 64)
+
+
+@pytest.mark.parametrize("async_scheduling", ASYNC)
+def test_a_probe_filling_a_block_or_sharing_its_step_keeps_the_forward_pass(async_scheduling):
+    """Encoder-only only where it is safe: a probe whose text before the image completes a
+    block (the prefix cache would offer it unwritten) runs the forward pass; so does a probe
+    beside another request's work."""
+    sched = build_scheduler(64, 8, UNIFORM_HALF, async_scheduling=async_scheduling, max_num_batched_tokens=256,
+                            max_num_seqs=8)
+    long_text = make_request(sched, "long", text(40), images=[(20, 24, "img1")], max_tokens=2)
+    rec = Recorder(sched)
+    drive(sched, SimulatedRunner(sched, keep_ratio=0.5), [long_text], after_schedule=rec)
+    first = rec.scheduled()[0]
+    assert first["tokens"] == {"long": 20} and not first["plan"].encoder_only  # 20 tokens cross a block of 8
+    sched = build_scheduler(64, 8, UNIFORM_HALF, async_scheduling=async_scheduling, max_num_batched_tokens=256,
+                            max_num_seqs=8)
+    a = make_request(sched, "a", text(10), images=[(4, 24, "img2")], max_tokens=6)
+    b = make_request(sched, "b", text(10), images=[(4, 24, "img3")], max_tokens=2)
+    rec = Recorder(sched)
+    drive(sched, SimulatedRunner(sched, keep_ratio=0.5), [a], after_schedule=rec, arrivals={3: [b]})
+    probing_b = [s for s in rec.scheduled() if "b" in s["plan"].probes]
+    assert len(probing_b) == 1 and set(probing_b[0]["tokens"]) == {"a", "b"} and not probing_b[0]["plan"].encoder_only
+    assert rec.scheduled()[0]["plan"].encoder_only  # "a" alone: encoder-only
     assert_drained(sched, 64)
 
 
