@@ -1,8 +1,10 @@
 """Serving throughput as vLLM users measure it: plain ``vllm serve`` against ``vllm serve --plugin
 asymvlm``, both driven by vLLM's own load generator (``vllm bench serve``) in the same run.
 
-For each memory regime, plain vLLM and then the plugin are started with identical flags on
-127.0.0.1, one after the other; each serves every concurrency level with
+For each memory regime, plain vLLM and the plugin are started with identical flags on
+127.0.0.1 (all of a regime's servers at once, idle but for the one measured); each serves every
+concurrency level, the sides taking turns, ``--rounds`` times (the median round is reported),
+with
 ``vllm bench serve --backend openai-chat --endpoint /v1/chat/completions --dataset-name random-mm``
 (one image per request, fixed size, fixed input and output lengths, ``--ignore-eos``), or with
 ``--dataset FILE.jsonl`` image-QA requests of your own (``custom_image``: a question and local
@@ -22,6 +24,7 @@ and ITL (mean, p50, p99), each also as a ratio to plain vLLM at the same regime 
 concurrency, plus the commit, whether the tree was dirty, the device, versions and every flag.
 
     python benchmarks/serve.py --model /models/llava-1.5-7b-hf [--concurrency 1 8 32]
+    python benchmarks/serve.py --shape qwen2.5-vl-7b --image 448x448 --keep-ratio 0.5   # no weights needed
     python benchmarks/serve.py --cpu-test-engine            # tiny random LLaVA on CPU (test op stand-ins)
     python benchmarks/serve.py --smoke                      # what CI runs: a handful of requests
 
@@ -30,6 +33,13 @@ stand-ins for vLLM's compiled ops (``tests/engine/cpu_shim``, benchmark-only), o
 random-weight model unless ``--model`` is given: the ratios then measure per-request overheads,
 not what pruning saves on a real model. With random weights, scores (and adaptive keep ratios)
 say nothing about real images; pass ``--keep-ratio`` for a fixed keep.
+
+Without weights on the machine, ``--shape`` serves a real-shaped LLaVA-1.5-7B, Gemma-3-4B or
+Qwen2.5-VL-7B with ``--load-format dummy`` (``benchmarks/gpu/models.py``: the hub shapes, and the
+project's tokenizer padded to the real vocabulary). Compute and memory do not depend on weight
+values, so throughput and latency are those of the real model at the same kept count; the keep
+*decisions* are those of random projections (small, similar gaps for every image), so fix the
+ratio with ``--keep-ratio``.
 """
 
 from __future__ import annotations
@@ -291,6 +301,9 @@ def save_chart(rows: list[dict], path: Path) -> Path:
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="benchmarks/serve.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="local model directory (default with --cpu-test-engine: a tiny random LLaVA)")
+    parser.add_argument("--shape", choices=("llava-1.5-7b", "gemma-3-4b", "qwen2.5-vl-7b"), default=None,
+                        help="serve a real-shaped model with random weights (--load-format dummy): the hub shapes "
+                             "and the project's tokenizer padded to the real vocabulary (benchmarks/gpu/models.py)")
     parser.add_argument("--cpu-test-engine", action="store_true",
                         help="vLLM's CPU engine with the test op stand-ins (tests/engine/cpu_shim)")
     parser.add_argument("--smoke", action="store_true",
@@ -319,6 +332,8 @@ def parse_args(argv):
     parser.add_argument("--trust-remote-code", action="store_true", help="both servers and the load generator")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="one more `vllm serve` argument for both servers (repeat it; --serve-arg=--flag)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs per side and level, sides taking turns; each row is the median round")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=900)
     parser.add_argument("--level-timeout", type=float, default=1800)
@@ -351,8 +366,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             from asymvlm_vllm.hf.tiny import build_tiny_model
 
             args.model = str(build_tiny_model("llava", work / "tiny-llava"))
+    if args.shape is not None:
+        if args.model is not None:
+            raise SystemExit("benchmarks/serve.py: give --model DIR or --shape NAME, not both")
+        from benchmarks.gpu.models import SHAPES
+
+        args.model = str(SHAPES[args.shape](work / args.shape))
+        serve_flags += ["--load-format", "dummy"]
     if args.model is None:
-        raise SystemExit("benchmarks/serve.py: give --model DIR (or --cpu-test-engine for a tiny model on CPU)")
+        raise SystemExit("benchmarks/serve.py: give --model DIR or --shape NAME "
+                         "(or --cpu-test-engine for a tiny model on CPU)")
     args.model_dir = args.model_name = str(Path(args.model).resolve())
     if args.trust_remote_code:
         serve_flags.append("--trust-remote-code")
@@ -362,7 +385,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common = {**env_info, "model": args.model, "input_len": args.input_len, "output_len": args.output_len,
               "image": args.image, "keep_ratio_option": args.keep_ratio, "text_budget_option": args.text_budget,
               "asymvlm_config": args.asymvlm_config, "serve_flags": serve_flags, "smoke": args.smoke,
-              "dataset": str(args.dataset) if args.dataset else None,
+              "dataset": str(args.dataset) if args.dataset else None, "shape": args.shape,
               "seed": args.seed, "tight_blocks": args.tight_blocks if "tight" in args.regimes else None}
     rows: list[dict] = []
     try:
@@ -405,21 +428,34 @@ def sides(args, plugin_flags: list[str], work: Path) -> list[tuple[str, list[str
 
 
 def run_regime(args, regime: str, plugin_flags, serve_flags, env, work: Path, common: dict) -> list[dict]:
+    """Every side's server up at once, then per level ``--rounds`` rounds of one run per side in
+    turn (a machine's drift hits every side alike); each side's row is its median round by
+    request throughput, with every round's req/s beside it."""
     rows = []
     regime_flags = tight_flags(args, serve_flags) if regime == "tight" else []
-    for side, flags in sides(args, plugin_flags, work):
-        label = f"{regime}-{SIDE_LABELS[side]}"
-        server = Server(args.model, [*flags, *serve_flags, *regime_flags], {**env, "VLLM_SERVER_DEV_MODE": "1"},
-                        work / f"{label}.log", args.startup_timeout)
-        try:
-            for level, concurrency in enumerate(args.concurrency):
-                row = run_level(args, server, concurrency, args.seed + 1000 * level, work, label, env)
+    servers: dict[str, Server] = {}
+    try:
+        for side, flags in sides(args, plugin_flags, work):
+            servers[side] = Server(args.model, [*flags, *serve_flags, *regime_flags],
+                                   {**env, "VLLM_SERVER_DEV_MODE": "1"},
+                                   work / f"{regime}-{SIDE_LABELS[side]}.log", args.startup_timeout)
+        for level, concurrency in enumerate(args.concurrency):
+            runs: dict[str, list[dict]] = {side: [] for side in servers}
+            for round_ in range(args.rounds):
+                for side, server in servers.items():
+                    label = f"{regime}-{SIDE_LABELS[side]}-r{round_}"
+                    runs[side].append(run_level(args, server, concurrency, args.seed + 1000 * level, work, label, env))
+            for side, server in servers.items():
+                ranked = sorted(runs[side], key=lambda r: r["request_throughput"])
+                row = ranked[len(ranked) // 2]
                 rows.append({**common, "regime": regime, "side": side, "concurrency": concurrency,
-                             "server_flags": server.command[5:], **row})
-                print(f"{regime:>7} {side:>10} c={concurrency:<3} {row['request_throughput']:.3f} req/s  "
+                             "server_flags": server.command[5:], "rounds": args.rounds,
+                             "request_throughput_rounds": [r["request_throughput"] for r in runs[side]], **row})
+                print(f"{regime:>7} {side:>32} c={concurrency:<3} {row['request_throughput']:.3f} req/s  "
                       f"TTFT {row['mean_ttft_ms']:.1f} ms  TPOT {row['mean_tpot_ms']:.1f} ms  "
                       f"kept {row['kept_ratio'] if row['kept_ratio'] is not None else '-'}", flush=True)
-        finally:
+    finally:
+        for server in servers.values():
             server.stop()
     return rows
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tests.scripts import BENCHMARKS, load_script
@@ -67,3 +68,30 @@ def test_record_turns_a_run_into_rows(tmp_path):
     assert rows[0]["measured"] == [{"model": "llava-1.5-7b", "step": "greedy", "ok": True}]
     assert json.loads((tmp_path / "gpu.json").read_text()) == rows
     assert "plugin / plain requests per second: 1.25" in record.table(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape, layers, hidden, side, image_tokens", [
+    ("llava-1.5-7b", 32, 4096, 336, 576),
+    ("gemma-3-4b", 34, 2560, 896, 256),
+    ("qwen2.5-vl-7b", 28, 3584, 336, 144),  # a 24 x 24 patch grid, merged 2 x 2
+])
+def test_weightless_models_have_the_hub_shapes(tmp_path, shape, layers, hidden, side, image_tokens):
+    """``serve.py --shape`` serves these with ``--load-format dummy``: transformers reads the hub
+    model's depth and width, and the processor gives the hub model's image-token count."""
+    from PIL import Image
+    from transformers import AutoConfig, AutoProcessor
+
+    models = _load("models")
+    out = models.SHAPES[shape](tmp_path / shape)
+    assert not list(out.glob("*.safetensors"))
+    config = AutoConfig.from_pretrained(out, local_files_only=True)
+    text = config.get_text_config()
+    assert (text.num_hidden_layers, text.hidden_size) == (layers, hidden)
+    processor = AutoProcessor.from_pretrained(out, local_files_only=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids = processor(text=[prompt], images=[Image.new("RGB", (side, side), (90, 120, 200))],
+                    return_tensors="pt")["input_ids"][0].tolist()
+    image_id = getattr(config, "image_token_id", None) or config.image_token_index
+    assert ids.count(image_id) == image_tokens and image_id < text.vocab_size

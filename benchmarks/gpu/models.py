@@ -5,7 +5,14 @@ tokens to the real vocabulary so every id decodes; processors and chat templates
     python benchmarks/gpu/models.py OUT_DIR [--text-layers N]
 
 writes ``OUT_DIR/llava-1.5-7b`` (576 image tokens at 336 px) and ``OUT_DIR/qwen2.5-vl-7b``
-(M-RoPE; 1,600 image tokens for a 1,120 px square image).
+(M-RoPE; 1,600 image tokens for a 1,120 px square image). ``gemma_3_4b`` (256 soft tokens per
+896 px image) is built on demand by ``benchmarks/serve.py --shape gemma-3-4b``.
+
+What random weights do to AsymVLM's decisions: scores are cosine similarities of random
+projections, so every image's importance gap is small and alike
+(``benchmarks/results/gaps_tiny_phi3v.json``) and an adaptive rule lands on one tier for all of
+them. Serving runs therefore fix the keep ratio (``asymvlm_keep_ratio``); compute and memory
+depend only on the kept count, which then matches a trained model's at that ratio.
 """
 
 from __future__ import annotations
@@ -93,6 +100,43 @@ def qwen2_5_vl_7b(out: Path, text_layers: int = 28) -> Path:
         chat_template=QWEN_TEMPLATE)
     _finish(out, config, processor, hf_tok, QWEN_TEMPLATE)
     return out
+
+
+def gemma_3_4b(out: Path, text_layers: int = 34) -> Path:
+    """google/gemma-3-4b-it's shapes: SigLIP so400m at 896 px, 256 soft tokens per image, a
+    34-layer text model with 5 sliding-window (1,024) layers per global one."""
+    from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
+
+    from asymvlm_vllm.hf.tiny import GEMMA3_TEMPLATE, _hf_tokenizer, _tid
+
+    tok = _tokenizer(262208)
+    hf_tok = _hf_tokenizer(tok, GEMMA3_TEMPLATE, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                           unk_token="<unk>", boi_token="<start_of_image>", eoi_token="<end_of_image>",
+                           image_token="<image_soft_token>")
+    text = Gemma3TextConfig(
+        vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=text_layers,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+        max_position_embeddings=131072, sliding_window=1024,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(text_layers)],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        pad_token_id=_tid(tok, "<pad>"), eos_token_id=_tid(tok, "<eos>"), bos_token_id=_tid(tok, "<bos>"))
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                                image_size=896, patch_size=14, vision_use_head=False)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256,
+                          boi_token_index=_tid(tok, "<start_of_image>"), eoi_token_index=_tid(tok, "<end_of_image>"),
+                          image_token_index=_tid(tok, "<image_soft_token>"))
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": 896, "width": 896}, image_mean=[0.5] * 3,
+                                             image_std=[0.5] * 3, do_pan_and_scan=False),
+        tokenizer=hf_tok, image_seq_length=256, chat_template=GEMMA3_TEMPLATE)
+    _finish(out, config, processor, hf_tok, GEMMA3_TEMPLATE)
+    return out
+
+
+SHAPES = {"llava-1.5-7b": llava_7b, "gemma-3-4b": gemma_3_4b, "qwen2.5-vl-7b": qwen2_5_vl_7b}
+"""Name → builder ``(out, text_layers=real) -> out`` (``benchmarks/serve.py --shape``)."""
 
 
 def main(argv: list[str] | None = None) -> None:
