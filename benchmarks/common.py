@@ -157,3 +157,46 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     for row in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     print(f"wrote {len(rows)} rows to {path}")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model DIR`` / ``--cpu-test-engine``: what :func:`in_process_engines` builds."""
+    parser.add_argument("--model", help="a local model directory")
+    parser.add_argument("--cpu-test-engine", action="store_true",
+                        help="vLLM's CPU engine with the test suite's op stand-ins and a tiny random LLaVA")
+
+
+def in_process_engines(model: str | None, cpu_test_engine: bool, name: str):
+    """``(build, free, device)`` for a benchmark that drives vLLM engines in its own process.
+
+    ``build(config)`` is an ``LLM`` with AsymVLM and ``config`` (None: plain vLLM), its engine core
+    in this process so the benchmark can reach the scheduler and the runner; ``free(llms)`` shuts
+    engines down. With ``cpu_test_engine``, vLLM's CPU engine with the test suite's op stand-ins
+    (``tests/engine/cpu_shim``, benchmark-only) and a tiny random LLaVA built under
+    ``$TMPDIR/asymvlm-<name>-llava``; otherwise the local model directory ``model``.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if cpu_test_engine:
+        sys.path.insert(0, str(root))
+        import pytest
+        from tests.engine.helpers import free_llms, make_plugin_llm  # sets the CPU engine's env before vLLM loads
+
+        from asymvlm_vllm.hf.tiny import build_tiny_model
+
+        tiny = build_tiny_model("llava", Path(os.environ.get("TMPDIR", "/tmp")) / f"asymvlm-{name}-llava")
+
+        def build(config):
+            return make_plugin_llm(tiny, config, pytest.MonkeyPatch(), 64 * 2**20, max_model_len=1024)
+        return build, free_llms, f"cpu ({os.cpu_count()} cores), test op stand-ins, tiny LLaVA"
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+    from vllm import LLM
+
+    from asymvlm_vllm.engine.plugin import asymvlm_engine_args
+
+    def build(config):
+        return LLM(model=model) if config is None else LLM(**asymvlm_engine_args(model, config))
+
+    def free(llms):
+        pass  # the process ends
+    return build, free, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -26,7 +26,6 @@ the one on a GPU, with a real model directory::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import append_rows, provenance  # noqa: E402
+from common import add_engine_arguments, append_rows, in_process_engines, provenance  # noqa: E402
 
 
 def _run(llm, requests: int, output_tokens: int, budget: int, warmup: int, tag: str = "warmup") -> dict:
@@ -64,9 +63,7 @@ def _run(llm, requests: int, output_tokens: int, budget: int, warmup: int, tag: 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="benchmarks/eviction_cost.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="a local model directory")
-    parser.add_argument("--cpu-test-engine", action="store_true",
-                        help="vLLM's CPU engine with the test suite's op stand-ins and a tiny random LLaVA")
+    add_engine_arguments(parser)
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--output-tokens", type=int, default=160)
     parser.add_argument("--budget", type=int, default=32)
@@ -76,28 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if not args.model and not args.cpu_test_engine:
         parser.error("give --model DIR or --cpu-test-engine")
-    if args.cpu_test_engine:
-        sys.path.insert(0, str(ROOT))
-        from tests.engine.helpers import make_plugin_llm  # sets the CPU engine's env before vLLM loads
-
-        from asymvlm_vllm.hf.tiny import build_tiny_model
-        import pytest
-
-        model = build_tiny_model("llava", Path(os.environ.get("TMPDIR", "/tmp")) / "asymvlm-eviction-cost-llava")
-
-        def build(config):
-            return make_plugin_llm(model, config, pytest.MonkeyPatch(), 64 * 2**20, max_model_len=1024)
-        device = f"cpu ({os.cpu_count()} cores), test op stand-ins, tiny LLaVA"
-    else:
-        from vllm import LLM
-
-        from asymvlm_vllm.engine.plugin import asymvlm_engine_args
-
-        def build(config):
-            return LLM(**asymvlm_engine_args(args.model, config))
-        import torch
-
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    build, _, device = in_process_engines(args.model, args.cpu_test_engine, "eviction-cost")
     config = {"text": {"enabled": True, "budget_tokens": args.budget}}
     env = provenance(device, "vllm", "torch")
     rows = []

@@ -32,7 +32,6 @@ Rows (one per engine, with per-request medians of each part) go to
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import append_rows, provenance, refuse_dirty_results  # noqa: E402
+from common import add_engine_arguments, append_rows, in_process_engines, provenance, refuse_dirty_results  # noqa: E402
 
 PARTS = ("schedule", "decide", "read_back", "plan_rewrite", "rewrite", "encoder_cache_copy")
 
@@ -150,9 +149,7 @@ def _summary(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="benchmarks/probe_cost.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="a local LLaVA-style model directory")
-    parser.add_argument("--cpu-test-engine", action="store_true",
-                        help="vLLM's CPU engine with the test suite's op stand-ins and a tiny random LLaVA")
+    add_engine_arguments(parser)
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--keep-ratio", type=float, default=0.5)
@@ -167,35 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     refuse_dirty_results([args.out], checkout().get("dirty"), args.allow_dirty, "benchmarks/probe_cost.py")
     config = {"vision": {"budget": {"rule": "uniform", "ratio": args.keep_ratio}, "min_keep": 1,
                          "decide_with": args.decide_with}}
-    if args.cpu_test_engine:
-        sys.path.insert(0, str(ROOT))
-        from tests.engine.helpers import make_plugin_llm  # sets the CPU engine's env before vLLM loads
-
-        import pytest
-
-        from asymvlm_vllm.hf.tiny import build_tiny_model
-
-        model = build_tiny_model("llava", Path(os.environ.get("TMPDIR", "/tmp")) / "asymvlm-probe-cost-llava")
-
-        def build(plugin_config):
-            return make_plugin_llm(model, plugin_config, pytest.MonkeyPatch(), 64 * 2**20, max_model_len=1024)
-        from tests.engine.helpers import free_llms as free
-        device = f"cpu ({os.cpu_count()} cores), test op stand-ins, tiny LLaVA"
-    else:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
-        import torch
-        from vllm import LLM
-
-        from asymvlm_vllm.engine.plugin import asymvlm_engine_args
-
-        def free(llms):
-            pass  # the process ends
-
-        def build(plugin_config):
-            if plugin_config is None:
-                return LLM(model=args.model, enable_prefix_caching=False)
-            return LLM(**asymvlm_engine_args(args.model, plugin_config, enable_prefix_caching=False))
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    build, free, device = in_process_engines(args.model, args.cpu_test_engine, "probe-cost")
     from vllm import SamplingParams
 
     # Three tokens: the steps after the first token are one-token decode steps, what an engine

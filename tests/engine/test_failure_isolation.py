@@ -27,14 +27,18 @@ PRUNE_HALF = {"vision": {"budget": {"rule": "uniform", "ratio": 0.5}, "min_keep"
 QUESTION = "What is shown in this picture?"
 
 
-@pytest.fixture(scope="module")
-def llm(engine_models):
+def _engine(engine_models, config):
     with pytest.MonkeyPatch.context() as mp:
-        engine = make_plugin_llm(engine_models("llava"), PRUNE_HALF, mp)
+        engine = make_plugin_llm(engine_models("llava"), config, mp)
         try:
             yield engine
         finally:
             free_llm(engine)
+
+
+@pytest.fixture(scope="module")
+def llm(engine_models):
+    yield from _engine(engine_models, PRUNE_HALF)
 
 
 def _ask(llm, seed: int, **extra):
@@ -103,13 +107,7 @@ def test_a_failed_materialisation_encodes_the_image_again(llm):
 @pytest.fixture(scope="module")
 def kernel_llm(engine_models):
     """The same engine deciding with the fused kernel (Triton's interpreter on this CPU)."""
-    config = {"vision": {**PRUNE_HALF["vision"], "decide_with": "triton"}}
-    with pytest.MonkeyPatch.context() as mp:
-        engine = make_plugin_llm(engine_models("llava"), config, mp)
-        try:
-            yield engine
-        finally:
-            free_llm(engine)
+    yield from _engine(engine_models, {"vision": {**PRUNE_HALF["vision"], "decide_with": "triton"}})
 
 
 @pytest.mark.parametrize("target, seed", [
