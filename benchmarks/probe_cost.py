@@ -2,8 +2,8 @@
 encoder-cache copy, re-prefill, against plain vLLM's time to first token, same run.
 
 Three in-process engines of vLLM: plain; with ``--plugin asymvlm`` and its probe running the
-language model's forward pass (``vision.encoder_only_probes: false``, how every probe ran up to
-commit 684c9d7); and with the plugin's defaults, where a step that only probes skips the forward
+language model's forward pass (``vision.encoder_only_probes: false``, how every probe ran before
+commit 2cb6f9a); and with the plugin's defaults, where a step that only probes skips the forward
 pass. The same requests go to all three one at a time (concurrency 1, so every step belongs to
 one request), interleaved, each stepped by hand until its first token. Per request it records
 each engine step's wall time and what the plugin did inside it, by timing the plugin's own
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     env = provenance(device, "vllm", "torch")
     # The probe with its forward pass ("before": every probe step ran the language model, as up
-    # to commit 684c9d7) and without it when a step only probes ("after", the default), measured
+    # to commit f99ab57) and without it when a step only probes ("after", the default), measured
     # in the same run against the same plain engine.
     variants = {"plain": None, "plugin, probe with forward pass": {"encoder_only_probes": False},
                 "plugin": {"encoder_only_probes": True}}

@@ -13,7 +13,7 @@ so the two servers see the same requests. Before every level the server's prefix
 multimodal and encoder caches are emptied (vLLM's dev endpoints, ``VLLM_SERVER_DEV_MODE=1`` on
 these servers only), so no level reuses what an earlier one cached.
 ``--compare-probe-forward`` adds a third server, the plugin with every probe running the
-language model (``vision.encoder_only_probes: false``, the behaviour up to commit 684c9d7): a
+language model (``vision.encoder_only_probes: false``, the behaviour before commit 2cb6f9a): a
 before/after of the encoder-only probe in the same run.
 While a level runs, ``/metrics`` is sampled: peak KV-cache usage, preemptions and, for the
 plugin, the vision tokens kept (these count the load generator's warm-up requests too). Every server is stopped, also on failure.
@@ -323,7 +323,7 @@ def parse_args(argv):
     parser.add_argument("--asymvlm-config", default=None, help="--asymvlm-config of the plugin server")
     parser.add_argument("--compare-probe-forward", action="store_true",
                         help="a third server: the plugin with vision.encoder_only_probes false (every probe runs "
-                             "the language model, as before commit 684c9d7), for a before/after in the same run")
+                             "the language model, as before commit 2cb6f9a), for a before/after in the same run")
     parser.add_argument("--dataset", type=Path, default=None, metavar="FILE.jsonl",
                         help="image-QA requests instead of random-mm: one JSON object per line, "
                              '{"prompt": "question", "image_files": ["path.png"]} (vllm bench\'s custom_image)')
