@@ -172,8 +172,9 @@ def in_process_engines(model: str | None, cpu_test_engine: bool, name: str):
     ``build(config)`` is an ``LLM`` with AsymVLM and ``config`` (None: plain vLLM), its engine core
     in this process so the benchmark can reach the scheduler and the runner; ``free(llms)`` shuts
     engines down. With ``cpu_test_engine``, vLLM's CPU engine with the test suite's op stand-ins
-    (``tests/engine/cpu_shim``, benchmark-only) and a tiny random LLaVA built under
-    ``$TMPDIR/asymvlm-<name>-llava``; otherwise the local model directory ``model``.
+    (``tests/engine/cpu_shim``, benchmark-only) and ``model`` (random weights if it has none) or a
+    tiny random LLaVA built under ``$TMPDIR/asymvlm-<name>-llava``; otherwise the local model
+    directory ``model``.
     """
     root = Path(__file__).resolve().parent.parent
     if cpu_test_engine:
@@ -183,11 +184,17 @@ def in_process_engines(model: str | None, cpu_test_engine: bool, name: str):
 
         from asymvlm_vllm.hf.tiny import build_tiny_model
 
-        tiny = build_tiny_model("llava", Path(os.environ.get("TMPDIR", "/tmp")) / f"asymvlm-{name}-llava")
+        if model is None:
+            directory = build_tiny_model("llava", Path(os.environ.get("TMPDIR", "/tmp")) / f"asymvlm-{name}-llava")
+            extra, what = {}, "tiny LLaVA"
+        else:  # a directory without weights (benchmarks/gpu/models.py) runs with random ones
+            directory, what = Path(model), Path(model).name
+            extra = {} if any(directory.glob("*.safetensors")) else {"load_format": "dummy"}
 
         def build(config):
-            return make_plugin_llm(tiny, config, pytest.MonkeyPatch(), 64 * 2**20, max_model_len=1024)
-        return build, free_llms, f"cpu ({os.cpu_count()} cores), test op stand-ins, tiny LLaVA"
+            return make_plugin_llm(directory, config, pytest.MonkeyPatch(), 256 * 2**20, max_model_len=2048,
+                                   max_num_batched_tokens=2048, **extra)
+        return build, free_llms, f"cpu ({os.cpu_count()} cores), test op stand-ins, {what}"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
     from vllm import LLM

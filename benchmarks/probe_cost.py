@@ -26,6 +26,8 @@ Rows (one per engine, with per-request medians of each part) go to
 ``benchmarks/results/probe_cost.json`` with commit, dirty flag, device and versions::
 
     python benchmarks/probe_cost.py --cpu-test-engine              # tiny LLaVA, CPU, ~1 min
+    python benchmarks/gpu/models.py /tmp/m --cpu-mid && \
+    python benchmarks/probe_cost.py --cpu-test-engine --model /tmp/m/llava-mid --requests 20  # CPU, real prefill work
     python benchmarks/probe_cost.py --model /models/llava-1.5-7b-hf  # a GPU and a local model
 """
 
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name, extra in variants.items():
         summary = _summary(runs[name])
         kept = [r["outcome"].get("vision_tokens_kept") for r in runs[name] if r["outcome"]]
-        rows.append({**env, "engine": name, "keep_ratio": args.keep_ratio if extra is not None else 1.0,
+        rows.append({**env, "engine": name, "model": args.model or "tiny LLaVA", "keep_ratio": args.keep_ratio if extra is not None else 1.0,
                      "decide_with": args.decide_with if extra is not None else None,
                      "encoder_only_probes": None if extra is None else extra["encoder_only_probes"],
                      "vision_tokens_kept_mean": statistics.fmean(kept) if kept else None, **summary})

@@ -135,6 +135,34 @@ def gemma_3_4b(out: Path, text_layers: int = 34) -> Path:
     return out
 
 
+def llava_mid(out: Path) -> Path:
+    """A LLaVA-1.5 layout small enough for the CPU engine yet with a prefill that is real work on
+    two cores: 576 image tokens (CLIP at 336 px, 4 layers of 768) and an 8-layer, 1,024-wide
+    Llama (``benchmarks/probe_cost.py --cpu-test-engine --model``)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+
+    from asymvlm_vllm.hf.tiny import LLAVA_TEMPLATE, _hf_tokenizer, _tid
+
+    tok = _tokenizer(32064)
+    hf_tok = _hf_tokenizer(tok, LLAVA_TEMPLATE, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                           unk_token="<unk>", image_token="<image>")
+    text = LlamaConfig(vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+                       pad_token_id=_tid(tok, "<pad>"), eos_token_id=_tid(tok, "<eos>"), bos_token_id=_tid(tok, "<bos>"))
+    vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=12,
+                              image_size=336, patch_size=14, projection_dim=512, hidden_act="quick_gelu")
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=_tid(tok, "<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu", image_seq_length=576)
+    config.architectures = ["LlavaForConditionalGeneration"]
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        tokenizer=hf_tok, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    _finish(out, config, processor, hf_tok, LLAVA_TEMPLATE)
+    return out
+
+
 SHAPES = {"llava-1.5-7b": llava_7b, "gemma-3-4b": gemma_3_4b, "qwen2.5-vl-7b": qwen2_5_vl_7b}
 """Name → builder ``(out, text_layers=real) -> out`` (``benchmarks/serve.py --shape``)."""
 
@@ -143,7 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="benchmarks/gpu/models.py", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--text-layers", type=int, default=None, help="fewer language-model layers (default: real)")
+    parser.add_argument("--cpu-mid", action="store_true", help="only OUT_DIR/llava-mid (llava_mid), for the CPU engine")
     args = parser.parse_args(argv)
+    if args.cpu_mid:
+        print(llava_mid(args.out / "llava-mid"))
+        return
     layers = {} if args.text_layers is None else {"text_layers": args.text_layers}
     print(llava_7b(args.out / "llava-1.5-7b", **layers))
     try:
