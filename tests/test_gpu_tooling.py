@@ -75,6 +75,7 @@ def test_record_turns_a_run_into_rows(tmp_path):
     ("llava-1.5-7b", 32, 4096, 336, 576),
     ("gemma-3-4b", 34, 2560, 896, 256),
     ("qwen2.5-vl-7b", 28, 3584, 336, 144),  # a 24 x 24 patch grid, merged 2 x 2
+    ("llava-mid", 8, 1024, 336, 576),  # not a hub model: the CPU engine's mid-sized LLaVA (--cpu-mid)
 ])
 def test_weightless_models_have_the_hub_shapes(tmp_path, shape, layers, hidden, side, image_tokens):
     """``serve.py --shape`` serves these with ``--load-format dummy``: transformers reads the hub
@@ -83,7 +84,7 @@ def test_weightless_models_have_the_hub_shapes(tmp_path, shape, layers, hidden, 
     from transformers import AutoConfig, AutoProcessor
 
     models = _load("models")
-    out = models.SHAPES[shape](tmp_path / shape)
+    out = {**models.SHAPES, "llava-mid": models.llava_mid}[shape](tmp_path / shape)
     assert not list(out.glob("*.safetensors"))
     config = AutoConfig.from_pretrained(out, local_files_only=True)
     text = config.get_text_config()
