@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -207,3 +208,10 @@ def in_process_engines(model: str | None, cpu_test_engine: bool, name: str):
     def free(llms):
         pass  # the process ends
     return build, free, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def engine_parts(llm) -> tuple[Any, Any]:
+    """The scheduler and the driver worker's model runner of an ``LLM`` whose engine core runs
+    in this process (what :func:`in_process_engines` builds)."""
+    core = llm.llm_engine.engine_core.engine_core
+    return core.scheduler, core.model_executor.driver_worker.worker.model_runner

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import add_engine_arguments, append_rows, in_process_engines, provenance, refuse_dirty_results  # noqa: E402
+from common import add_engine_arguments, append_rows, engine_parts, in_process_engines, provenance, refuse_dirty_results  # noqa: E402
 
 PARTS = ("schedule", "decide", "read_back", "plan_rewrite", "rewrite", "encoder_cache_copy")
 
@@ -69,11 +69,8 @@ class Timers:
 
 
 def _instrument(llm, plugin: bool) -> Timers:
-    sys.path.insert(0, str(ROOT))
-    from tests.engine.helpers import model_runner, scheduler
-
     timers = Timers()
-    sched, runner = scheduler(llm), model_runner(llm)
+    sched, runner = engine_parts(llm)
     timers.wrap(sched, "schedule", "schedule")
     if plugin:
         timers.wrap(runner, "_decide", "decide")
@@ -85,10 +82,7 @@ def _instrument(llm, plugin: bool) -> Timers:
 
 
 def _one_request(llm, timers: Timers, prompt: dict, params, name: str) -> dict:
-    sys.path.insert(0, str(ROOT))
-    from tests.engine.helpers import scheduler
-
-    engine, sched = llm.llm_engine, scheduler(llm)
+    engine, (sched, _) = llm.llm_engine, engine_parts(llm)
     timers.seconds.clear()
     scheduled: list[int] = []
     schedule = sched.schedule
@@ -126,12 +120,13 @@ def _one_request(llm, timers: Timers, prompt: dict, params, name: str) -> dict:
 
 
 def _requests(count: int, offset: int):
-    sys.path.insert(0, str(ROOT))
-    from tests.engine.helpers import engine_image
+    import numpy as np
+    from PIL import Image
 
-    for i in range(count):
+    for i in range(count):  # 224 x 224 noise, a new image per request (no prefix-cache hits)
+        pixels = np.random.default_rng(1000 + offset + i).integers(0, 256, (224, 224, 3), dtype=np.uint8)
         yield {"prompt": "USER: <image>\nWhat is shown in this picture? Answer briefly.\nASSISTANT:",
-               "multi_modal_data": {"image": engine_image(1000 + offset + i, 224, 224)}}
+               "multi_modal_data": {"image": Image.fromarray(pixels)}}
 
 
 def _summary(runs: list[dict]) -> dict:

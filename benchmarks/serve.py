@@ -211,10 +211,11 @@ def reset_caches(server: "Server") -> None:
     no level starts with what an earlier one left (a dataset repeats its images)."""
     import httpx
 
-    for path in ("/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache"):
-        response = httpx.post(server.url + path, timeout=60)
-        response.raise_for_status()
-    if httpx.post(server.url + "/reset_prefix_cache", timeout=60).json().get("success") is not True:
+    for path in ("/reset_mm_cache", "/reset_encoder_cache"):
+        httpx.post(server.url + path, timeout=60).raise_for_status()
+    response = httpx.post(server.url + "/reset_prefix_cache", timeout=60)
+    response.raise_for_status()
+    if response.json().get("success") is not True:
         raise RuntimeError(f"{server.url} did not reset its prefix cache")
 
 

@@ -23,6 +23,7 @@ __all__ = ["AsymVLMConfig", "TextEvictionConfig", "VisionPruningConfig", "list_p
 
 RankerName = Literal["learned", "cosine", "spiral", "random"]
 DecideWith = Literal["auto", "torch", "triton"]
+KERNEL_RANKERS = ("cosine", "learned")  # what the fused select_vision_tokens kernel scores with
 
 # The paper's DocVQA importance-gap distribution (mean 0.218, std 0.047) split at mean ± std.
 # Starting points only: calibrate per model with `asymvlm calibrate`.
@@ -71,7 +72,7 @@ class VisionPruningConfig(_Section):
                 f"vision.scorer is set but vision.ranker is '{self.ranker}', which ignores it; "
                 "remove one of them"
             )
-        if self.decide_with == "triton" and self.ranker not in ("cosine", "learned"):
+        if self.decide_with == "triton" and self.ranker not in KERNEL_RANKERS:
             raise ValueError(f"vision.decide_with 'triton' scores with the cosine or learned ranker, not '{self.ranker}'")
         return self
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..core.budget import BudgetRule
-from ..core.config import AsymVLMConfig
+from ..core.config import KERNEL_RANKERS, AsymVLMConfig
 from ..core.errors import AsymVLMError
 from ..core.eviction import MultiTurnEviction
 from ..core.positions import text_query_mask
@@ -112,6 +112,32 @@ def _dropped_answers(model: Any, prompt_token_ids: list[int], image_rows: list[t
     return multi_turn.select_answers(rebased, embeddings, image_embeddings)
 
 
+def _image_rows(model: Any, family: VisionFamily, mm_features: list[Any], index: int,
+                encoder_outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image ``index``'s encoder-output rows (R, D), its structural-row mask (R,) and the positions
+    of its prunable rows (N,) on the mask's device.
+
+    Raises
+    ------
+    AsymVLMError
+        When its output is not cached or its structure cannot be known.
+    """
+    feature = mm_features[index]
+    rows = encoder_outputs.get(feature.identifier)
+    if rows is None:
+        raise AsymVLMError(f"image {index}'s encoder output is not in the encoder cache")
+    rows = rows.reshape(-1, rows.shape[-1])
+    try:
+        structural = family.structural_rows(model, feature, rows)
+    except (AsymVLMError, ValueError) as exc:
+        raise AsymVLMError(f"image {index}: {exc}") from exc
+    return rows, structural, (~structural).nonzero().flatten()
+
+
+def _all_structural(index: int, num_rows: int) -> ImageDecision:
+    return ImageDecision(index, num_rows, 0, list(range(num_rows)), 0.0, 1.0)
+
+
 def decide_request(
     model: Any,
     family: VisionFamily,
@@ -154,21 +180,15 @@ def decide_request(
     min_keep = options.min_keep if options.min_keep is not None else config.vision.min_keep
     images, image_rows = [], []
     for index in feature_indices:
-        feature = mm_features[index]
-        rows = encoder_outputs.get(feature.identifier)
-        if rows is None:
-            return RequestDecision(error=f"image {index}'s encoder output is not in the encoder cache")
-        rows = rows.reshape(-1, rows.shape[-1])
         try:
-            structural = family.structural_rows(model, feature, rows)
-        except (AsymVLMError, ValueError) as exc:
-            return RequestDecision(error=f"image {index}: {exc}")
-        prunable = (~structural).nonzero().flatten()
+            rows, structural, prunable = _image_rows(model, family, mm_features, index, encoder_outputs)
+        except AsymVLMError as exc:
+            return RequestDecision(error=str(exc))
         image_rows.append((mm_features[index].mm_position.offset, rows[prunable]))
         if prunable.numel() == 0:
-            images.append(ImageDecision(index, rows.shape[0], 0, list(range(rows.shape[0])), 0.0, 1.0))
+            images.append(_all_structural(index, rows.shape[0]))
             continue
-        grid = family.grid_shape(feature, int(prunable.numel()))
+        grid = family.grid_shape(mm_features[index], int(prunable.numel()))
         scores = ranker.score(rows[prunable], text.to(rows.dtype), grid)
         if not bool(torch.isfinite(scores).all()):
             return RequestDecision(error=f"image {index}: scores are not finite")
@@ -273,22 +293,23 @@ def decide_requests(
         ``result()`` gives request id → :class:`RequestDecision`.
     """
     pending = PendingDecisions()
+
+    def with_torch(p: Probe) -> RequestDecision:
+        return _guarded(p.request_id, lambda: decide_request(
+            model, family, config, ranker, p.prompt_token_ids, p.mm_features, p.feature_indices,
+            encoder_outputs, p.options, device, p.answer_spans, p.multi_turn))
+
     if not kernel:
-        for probe in probes:
-            pending.decisions[probe.request_id] = _guarded(probe.request_id, lambda p=probe: decide_request(
-                model, family, config, ranker, p.prompt_token_ids, p.mm_features, p.feature_indices,
-                encoder_outputs, p.options, device, p.answer_spans, p.multi_turn))
+        pending.decisions.update({probe.request_id: with_torch(probe) for probe in probes})
         return pending
     started = time.perf_counter()
     vision, text, cu_v, cu_t, rules, min_keeps = [], [], [0], [0], [], []
     for probe in probes:
         if probe.multi_turn is not None and probe.answer_spans:
-            pending.decisions[probe.request_id] = _guarded(probe.request_id, lambda p=probe: decide_request(
-                model, family, config, ranker, p.prompt_token_ids, p.mm_features, p.feature_indices,
-                encoder_outputs, p.options, device, p.answer_spans, p.multi_turn))
+            pending.decisions[probe.request_id] = with_torch(probe)
             continue
         try:
-            packed = _pack_request(model, family, config, probe, encoder_outputs, device)
+            packed = _pack_request(model, family, probe, encoder_outputs, device)
         except (AsymVLMError, ValueError) as exc:
             pending.decisions[probe.request_id] = RequestDecision(error=str(exc))
             continue
@@ -346,8 +367,8 @@ def _guarded(request_id: str, decide: Any) -> RequestDecision:
         return RequestDecision(error=f"deciding failed: {type(e).__name__}: {e}")
 
 
-def _pack_request(model: Any, family: VisionFamily, config: AsymVLMConfig, probe: Probe,
-                  encoder_outputs: dict[str, torch.Tensor], device: torch.device):
+def _pack_request(model: Any, family: VisionFamily, probe: Probe, encoder_outputs: dict[str, torch.Tensor],
+                  device: torch.device):
     """A request's images for the packed kernel: placeholders for its decisions, its segments,
     and per segment its prunable rows (N, D) and its query text (L, D)."""
     text = _query_text(model, family, probe.prompt_token_ids, probe.mm_features, device)
@@ -356,18 +377,10 @@ def _pack_request(model: Any, family: VisionFamily, config: AsymVLMConfig, probe
     images: list[ImageDecision | None] = []
     segments, parts = [], []
     for index in probe.feature_indices:
-        feature = probe.mm_features[index]
-        rows = encoder_outputs.get(feature.identifier)
-        if rows is None:
-            raise AsymVLMError(f"image {index}'s encoder output is not in the encoder cache")
-        rows = rows.reshape(-1, rows.shape[-1])
-        try:
-            structural = family.structural_rows(model, feature, rows).cpu()
-        except (AsymVLMError, ValueError) as exc:
-            raise AsymVLMError(f"image {index}: {exc}") from exc
-        prunable = (~structural).nonzero().flatten()
+        rows, structural, prunable = _image_rows(model, family, probe.mm_features, index, encoder_outputs)
+        structural, prunable = structural.cpu(), prunable.cpu()  # host already, but for LLaVA-NeXT
         if prunable.numel() == 0:
-            images.append(ImageDecision(index, rows.shape[0], 0, list(range(rows.shape[0])), 0.0, 1.0))
+            images.append(_all_structural(index, rows.shape[0]))
             continue
         images.append(None)
         segments.append(_Segment(probe.request_id, len(images) - 1, index, rows.shape[0],
@@ -388,7 +401,7 @@ def decides_with_kernel(config: AsymVLMConfig, device: torch.device) -> bool:
     """
     choice = config.vision.decide_with
     if choice == "auto":
-        return device.type == "cuda" and config.vision.ranker in ("cosine", "learned")
+        return device.type == "cuda" and config.vision.ranker in KERNEL_RANKERS
     if choice == "triton" and device.type != "cuda" and not triton_interpreted():
         raise AsymVLMError(f"vision.decide_with 'triton' needs a CUDA device, and this engine runs on {device.type} "
                            "(TRITON_INTERPRET=1 runs the kernel in Triton's interpreter, for tests)")

@@ -552,9 +552,6 @@ class AsymVLMScheduler(Scheduler):
         """Give back the request's KV blocks and encoder-cache references and queue it as a new
         request. vLLM's own preemption does this; the event and the preemption count it adds
         are taken back, because this is not memory pressure."""
-        state = self._pruning.get(request.request_id)
-        if state is not None:
-            state.unwritten = False
         self.running.remove(request)
         num_events = len(request.events)
         self._preempt_request(request, time.monotonic())

@@ -18,6 +18,7 @@ import torch
 
 from asymvlm_vllm.core import AsymVLMConfig
 from asymvlm_vllm.core.errors import AsymVLMError
+from asymvlm_vllm.core.rankers import CosineRanker, LearnedRanker
 from asymvlm_vllm.core.request_options import request_options_from_extra_args
 from asymvlm_vllm.engine.families import VisionFamily
 from asymvlm_vllm.engine.runner import Probe, decide_requests, decides_with_kernel
@@ -79,10 +80,8 @@ def _step(device, seed: int = 0):
     return probes, outputs
 
 
-def _keep_sets(pending):
-    decisions = pending.result()
-    return {r: (d.error, [(i.feature, i.num_rows, i.num_prunable, i.keep_rows) for i in d.images])
-            for r, d in decisions.items()}
+def _keep_sets(decisions, fields=("feature", "num_rows", "num_prunable", "keep_rows")):
+    return {r: (d.error, [tuple(getattr(i, f) for f in fields) for i in d.images]) for r, d in decisions.items()}
 
 
 @pytest.fixture(params=DEVICES)
@@ -92,8 +91,6 @@ def device(request):
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["cosine", "learned"])
 def test_one_packed_launch_keeps_what_the_torch_path_keeps(device, weighted):
-    from asymvlm_vllm.core.rankers import CosineRanker, LearnedRanker
-
     torch.manual_seed(0)
     model = TextEmbedding().to(device)
     ranker = LearnedRanker(torch.rand(HIDDEN) + 0.5) if weighted else CosineRanker()
@@ -102,7 +99,7 @@ def test_one_packed_launch_keeps_what_the_torch_path_keeps(device, weighted):
     with torch.inference_mode():
         torch_path = decide_requests(model, family, CONFIG, ranker, probes, outputs, device, kernel=False)
         kernel_path = decide_requests(model, family, CONFIG, ranker, probes, outputs, device, kernel=True)
-    expected, got = _keep_sets(torch_path), _keep_sets(kernel_path)
+    expected, got = _keep_sets(torch_path.result()), _keep_sets(kernel_path.result())
     assert got == expected
     # The step met every rule branch it claims: tiers, a per-request ratio, a binding floor.
     ratios = {i.budget_ratio for d in kernel_path.result().values() for i in d.images}
@@ -125,22 +122,12 @@ def test_structural_rows_are_kept_and_not_counted(device):
     outputs["next-0"][5::8] = model.image_newline.detach()
     outputs["next-1"][:] = model.image_newline.detach()
     with torch.inference_mode():
-        results = [decide_requests(model, family, CONFIG, _cosine(), [probe], outputs, device, kernel=k).result()
+        results = [decide_requests(model, family, CONFIG, CosineRanker(), [probe], outputs, device, kernel=k).result()
                    for k in (False, True)]
-    assert _keep_sets_of(results[0]) == _keep_sets_of(results[1])
+    assert _keep_sets(results[0]) == _keep_sets(results[1])
     first, separators_only = results[1]["next"].images
     assert first.num_prunable == 42 and set(range(5, 48, 8)) <= set(first.keep_rows)
     assert separators_only.num_prunable == 0 and separators_only.keep_rows == list(range(6))
-
-
-def _cosine():
-    from asymvlm_vllm.core.rankers import CosineRanker
-
-    return CosineRanker()
-
-
-def _keep_sets_of(decisions):
-    return {r: (d.error, [(i.num_prunable, i.keep_rows) for i in d.images]) for r, d in decisions.items()}
 
 
 def test_a_bad_request_fails_alone(device):
@@ -159,7 +146,7 @@ def test_a_bad_request_fails_alone(device):
     batch = [probes[0], nan, no_text, missing, probes[1]]
     with torch.inference_mode():
         for kernel in (False, True):
-            decisions = decide_requests(model, family, CONFIG, _cosine(), batch, outputs, device, kernel=kernel).result()
+            decisions = decide_requests(model, family, CONFIG, CosineRanker(), batch, outputs, device, kernel=kernel).result()
             assert decisions["nan"].error == "image 1: scores are not finite"
             assert decisions["no_text"].error == "the prompt has no text tokens to score its images against"
             assert decisions["missing"].error == "image 0's encoder output is not in the encoder cache"
