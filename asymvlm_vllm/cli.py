@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("scorer", help="a .safetensors scorer file")
     inspect.set_defaults(run=_scorer_inspect)
 
-    from .commands import calibrate, demo, train_scorer
+    from .commands import calibrate, demo, train_scorer, train_tiny_vlm
 
-    for module in (demo, train_scorer, calibrate):
+    for module in (demo, train_scorer, calibrate, train_tiny_vlm):
         module.add_parser(commands)
     return parser
 

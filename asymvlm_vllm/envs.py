@@ -1,7 +1,5 @@
 """Every environment variable asymvlm-vllm reads, in one place.
 
-``ASYMVLM_CACHE_DIR``
-    Where ``asymvlm demo`` builds its tiny offline model (default ``~/.cache/asymvlm``).
 ``VLLM_USE_V2_MODEL_RUNNER`` (vLLM's own)
     Read and set by ``--plugin asymvlm`` on GPUs: AsymVLM runs on vLLM's V1 model runner, so
     the plugin sets it to ``0`` and refuses to start when it is explicitly ``1``.
@@ -18,18 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["V2_RUNNER_VARIABLE", "cache_dir", "select_v1_model_runner", "triton_interpreted", "v2_model_runner_forced"]
+__all__ = ["V2_RUNNER_VARIABLE", "select_v1_model_runner", "triton_interpreted", "v2_model_runner_forced"]
 
 V2_RUNNER_VARIABLE = "VLLM_USE_V2_MODEL_RUNNER"
-
-
-def cache_dir() -> Path:
-    """``$ASYMVLM_CACHE_DIR`` or ``~/.cache/asymvlm`` (``$XDG_CACHE_HOME/asymvlm`` if set)."""
-    explicit = os.environ.get("ASYMVLM_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "asymvlm"
 
 
 def v2_model_runner_forced() -> bool:

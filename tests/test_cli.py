@@ -38,6 +38,11 @@ def test_errors_exit_2_with_the_reason(tmp_path, capsys):
         (["no-such-command"], "invalid choice"),
         (["scorer", "init", "--architecture", "X", "--hidden-size", "0", "-o", "w"], "expected an integer >= 1, got 0"),
         (["scorer", "init", "--architecture", "X", "--hidden-size", "many", "-o", "w"], "expected an integer >= 1, got 'many'"),
+        (["train-tiny-vlm", "-o", "m", "--steps", "0"], "expected an integer >= 1, got 0"),
+        (["train-tiny-vlm", "-o", "m", "--lr", "-1"], "expected a number in (0, inf), got -1"),
+        (["train-tiny-vlm"], "the following arguments are required: -o/--output"),
+        (["shapes-data", "-o", "d", "--split", "dev"], "invalid choice: 'dev'"),
+        (["train-scorer", "--model", "m", "--data", "d", "-o", "o", "--compare", "all"], "invalid choice: 'all'"),
     ],
 )
 def test_usage_errors_exit_2(argv, message, capsys):

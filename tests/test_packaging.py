@@ -60,6 +60,11 @@ def test_wheel_layout(tmp_path):
     sources = {str(p.relative_to(REPO)) for p in (REPO / "asymvlm_vllm").rglob("*.py")}
     assert sources <= set(names), sources - set(names)
     assert {"asymvlm_vllm/assets/sample.png", "asymvlm_vllm/assets/sample.json"} <= set(names)
+    # The trained shapes VLM, its scorer, config and card, and the demo's task image.
+    shipped = {f"asymvlm_vllm/assets/shapes_vlm/{n}" for n in (
+        "config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja",
+        "card.json", "scorer.safetensors", "asymvlm.yaml")}
+    assert shipped | {"asymvlm_vllm/assets/shapes.png", "asymvlm_vllm/assets/shapes.json"} <= set(names)
     presets = sorted(n for n in names if n.startswith("asymvlm_vllm/configs/") and n.endswith(".yaml"))
     assert [Path(n).stem for n in presets] == sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 

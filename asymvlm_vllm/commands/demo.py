@@ -16,16 +16,17 @@ def add_parser(commands) -> None:
             "Run AsymVLM's vision-token pruning on one image and question, generate an answer, and print "
             "the vision tokens in and kept, the importance gap, the keep ratio, the language model's input "
             "length and prefill FLOPs with and without pruning, and the measured CPU prefill time. Writes "
-            "heatmap.png, mask.png and report.json. Without --model it builds a tiny random LLaVA once "
-            "(offline, into $ASYMVLM_CACHE_DIR) and uses the bundled sample chart and question."
+            "heatmap.png, mask.png and report.json. Without --model it runs the shapes VLM that ships in the package "
+            "(a tiny LLaVA trained offline on a synthetic shapes task) with its learned scorer on the bundled task "
+            "image and question, checks its answer, and shows what the spiral ranker at keep 0.25 does instead."
         ),
     )
-    parser.add_argument("--model", metavar="DIR", help="local model directory (default: the tiny random LLaVA)")
-    parser.add_argument("--image", metavar="FILE", help="image file (default: the bundled sample chart); needs --question")
-    parser.add_argument("--question", help="question about the image (default: the bundled question about the sample)")
+    parser.add_argument("--model", metavar="DIR", help="local model directory (default: the shapes VLM shipped in the package)")
+    parser.add_argument("--image", metavar="FILE", help="image file (default: the bundled shapes image, or the sample chart with --model); needs --question")
+    parser.add_argument("--question", help="question about the image (default: the bundled question about the bundled image)")
     parser.add_argument("--config", metavar="FILE_OR_PRESET",
                         help="AsymVLM YAML file or preset name (default: the preset of the model's architecture; "
-                             "llava-1.5 for the tiny model)")
+                             "the shipped config, learned scorer and calibrated budget, for the shapes VLM)")
     parser.add_argument("--keep-ratio", type=number_in(0.0, 1.0), metavar="R",
                         help="force a uniform keep ratio R in (0, 1]: keeps floor(N * R) vision tokens (min 1)")
     parser.add_argument("--output-dir", default="asymvlm-demo", metavar="DIR",

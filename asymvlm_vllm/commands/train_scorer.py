@@ -12,10 +12,11 @@ from . import integer_at_least, number_in
 
 # Appendix D's defaults; the parser leaves these flags at None so that --resume can tell which
 # ones were given (a given flag must match the checkpoint, an omitted one takes its value).
-DEFAULTS = dict(samples=1500, epochs=3, lr=1e-3, strength=5.0, temperature=1.0, reg=1e-3, keep_ratio=0.5, seed=0)
+DEFAULTS = dict(samples=1500, epochs=3, lr=1e-3, strength=5.0, temperature=1.0, reg=1e-3, keep_ratio=0.5, seed=0,
+                compare="text")
 _SETTING_OF_FLAG = dict(epochs="epochs", lr="learning_rate", strength="mask_strength",
                         temperature="mask_temperature", reg="weight_regularization",
-                        keep_ratio="keep_ratio", seed="seed")
+                        keep_ratio="keep_ratio", seed="seed", compare="compared")
 
 
 def add_parser(commands) -> None:
@@ -43,6 +44,9 @@ def add_parser(commands) -> None:
                    help=f"lambda of lambda*||w-1||^2 (default {DEFAULTS['reg']:g})")
     p.add_argument("--keep-ratio", type=number_in(0, 1), help=f"keep ratio of the soft mask (default {DEFAULTS['keep_ratio']:g})")
     p.add_argument("--seed", type=integer_at_least(0), help=f"seed of the sample draw and order (default {DEFAULTS['seed']})")
+    p.add_argument("--compare", choices=("text", "answer"),
+                   help="which last-layer hidden states the loss compares: every text position, prompt and answer "
+                        "(Appendix C, default), or only the positions that predict the answer")
     p.add_argument("--checkpoint-dir", help="checkpoint folder (default: <output without suffix>.checkpoints)")
     p.add_argument("--checkpoint-every", type=integer_at_least(1), default=250,
                    help="checkpoint every N steps, besides each epoch's end (default 250)")
@@ -74,6 +78,10 @@ def _check_writable(output: Path) -> None:
         raise AsymVLMError(f"cannot write the scorer to {output}: {exc.strerror or exc}") from None
 
 
+def _fmt(value) -> str:
+    return "" if isinstance(value, str) else "g"
+
+
 def _settings(args, checkpoint):
     """The run's settings: flags, else the checkpoint's values, else the defaults."""
     from ..core.errors import AsymVLMError
@@ -85,7 +93,7 @@ def _settings(args, checkpoint):
         if checkpoint is not None:
             theirs = getattr(checkpoint.settings, name)
             if given is not None and given != theirs:
-                conflicts.append(f"--{flag.replace('_', '-')} {given:g} (the checkpoint has {theirs:g})")
+                conflicts.append(f"--{flag.replace('_', '-')} {given:{_fmt(given)}} (the checkpoint has {theirs:{_fmt(theirs)}})")
             values[name] = theirs
         else:
             values[name] = given if given is not None else DEFAULTS[flag]
@@ -126,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {type(vlm.model).__name__} (hidden size {vlm.hidden_size}) on {device}, {args.dtype}")
     print(f"{len(samples)} training samples from {args.data}; {settings.epochs} epoch(s) of {len(samples)} steps "
           f"(batch size 1); keep ratio {settings.keep_ratio:g}, C {settings.mask_strength:g}, "
-          f"tau {settings.mask_temperature:g}, lr {settings.learning_rate:g}, lambda {settings.weight_regularization:g}")
+          f"tau {settings.mask_temperature:g}, lr {settings.learning_rate:g}, lambda {settings.weight_regularization:g}, "
+          f"compared states: {settings.compared}")
     if len(samples) < num_samples:
         print(f"note: the data holds {len(samples)} samples, fewer than the {num_samples} asked for; using all")
 

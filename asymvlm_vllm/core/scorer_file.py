@@ -52,6 +52,7 @@ class ScorerTraining(BaseModel):
     seed: int | None = None
     dataset: str | None = None
     final_loss: float | None = None
+    compared: Literal["text", "answer"] | None = None
 
 
 class ScorerMetadata(BaseModel):

@@ -1,8 +1,11 @@
 """``asymvlm demo``: one pruned generation, explained with measured numbers and two figures.
 
-With no model it builds (once, into the cache) a tiny random LLaVA and asks the bundled sample
-question about the bundled sample chart, so it runs offline on any machine. With ``model_dir``
-it does the same for a real local checkpoint of any supported family.
+With no model it runs the shapes VLM that ships in the package (a tiny LLaVA trained here on
+the shapes task, :mod:`.shapes_vlm`) with its learned scorer and calibrated budget, on the
+bundled task image and question: offline on any machine, with an answer that can be checked. It
+then shows what a position-only ranker does to the same question (spiral at keep 0.25). With
+``model_dir`` it does the same pruning and measuring for a local checkpoint of any supported
+family, by default on the bundled sample chart.
 """
 
 from __future__ import annotations
@@ -10,9 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -20,25 +21,26 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..core.budget import BudgetRule, LinearBudget, ThresholdBudget, UniformBudget, num_tokens_to_keep
 from ..core.config import AsymVLMConfig, VisionPruningConfig, list_presets
 from ..core.errors import AsymVLMError
 from ..core.flops import prefill_flops
-from ..envs import cache_dir
+from ..core.rankers import SpiralRanker
 from .families import SUPPORTED_ARCHITECTURES, HeatmapLayout
 from .model import PrunedVLM, load_image
 from .pruning import ImageDecision, PrunedPrompt
+from .shapes import is_correct
 
-__all__ = ["DEFAULT_OUTPUT_DIR", "DemoReport", "ImageReport", "ensure_tiny_model", "format_report", "run_demo",
-           "sample_question", "tiny_model_dir"]
+__all__ = ["CONTRAST_KEEP_RATIO", "DEFAULT_OUTPUT_DIR", "DemoReport", "ImageReport", "format_report", "run_demo",
+           "sample_question", "shapes_sample"]
 
 DEFAULT_OUTPUT_DIR = Path("asymvlm-demo")
 DEFAULT_PRESET = "llava-1.5"
-TINY_FAMILY = "llava"
-TINY_ARCHITECTURE = "LlavaForConditionalGeneration"
-COMPLETE_MARKER = "asymvlm-complete.json"
+SHIPPED_ARCHITECTURE = "LlavaForConditionalGeneration"
 SAMPLE_IMAGE = "<bundled sample.png>"
+SHAPES_IMAGE = "<bundled shapes.png>"
+CONTRAST_KEEP_RATIO = 0.25
+"""The default demo also answers with the spiral ranker at this keep ratio: what a bad ranker does."""
 # Architectures whose model directory carries remote (processor) code: they load only when
 # the user passes --trust-remote-code; the demo never turns it on by itself.
 _NEEDS_REMOTE_CODE = frozenset({"Phi3VForCausalLM"})
@@ -65,8 +67,7 @@ class DemoReport:
 
     model_dir: str
     architecture: str
-    tiny_model: bool
-    model_built: bool
+    shipped_model: bool  # the trained shapes VLM of the package
     image: str
     image_size: list[int]  # (width, height)
     question: str
@@ -91,6 +92,10 @@ class DemoReport:
     answer: str
     answer_token_ids: list[int]
     max_new_tokens: int
+    expected_answer: str | None = None  # the bundled shapes question's answer
+    correct: bool | None = None
+    answer_cell_kept: bool | None = None
+    contrast: dict | None = None  # the spiral ranker at CONTRAST_KEEP_RATIO on the same prompt
     heatmap_path: str | None = None
     mask_path: str | None = None
     json_path: str | None = None
@@ -113,50 +118,20 @@ class DemoReport:
         return data
 
 
-def tiny_model_dir() -> Path:
-    """Where the demo's tiny model lives: ``cache_dir() / "tiny-llava-<version>"``."""
-    return cache_dir() / f"tiny-{TINY_FAMILY}-{__version__}"
-
-
-def ensure_tiny_model() -> tuple[Path, bool]:
-    """The demo's tiny LLaVA, built on first use.
-
-    Built in a temporary sibling directory whose marker file is written last, then renamed into
-    place, so an interrupted build is never mistaken for a complete one.
-
-    Returns
-    -------
-    (model directory, True if it was built by this call)
-    """
-    from .tiny import build_tiny_model
-
-    final = tiny_model_dir()
-    if (final / COMPLETE_MARKER).is_file():
-        return final, False
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-        build_tiny_model(TINY_FAMILY, staging)
-        marker = {"family": TINY_FAMILY, "asymvlm_vllm": __version__, "torch": torch.__version__}
-        (staging / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
-        if final.exists() and not (final / COMPLETE_MARKER).is_file():
-            shutil.rmtree(final)  # a leftover without its marker is incomplete
-        try:
-            os.replace(staging, final)
-        except OSError:
-            if (final / COMPLETE_MARKER).is_file():  # another process finished first
-                return final, False
-            raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return final, True
-
-
 def sample_question() -> str:
     """The bundled question about the bundled sample image."""
     return json.loads((resources.files("asymvlm_vllm.assets") / "sample.json").read_text())["question"]
+
+
+def shapes_sample() -> tuple[object, str, str, int]:
+    """The bundled shapes-task image, its question, its answer and the answer's cell."""
+    from PIL import Image
+
+    meta = json.loads((resources.files("asymvlm_vllm.assets") / "shapes.json").read_text())
+    with resources.as_file(resources.files("asymvlm_vllm.assets") / "shapes.png") as path:
+        with Image.open(path) as img:
+            picture = img.convert("RGB")
+    return picture, meta["question"], meta["answer"], int(meta["answer_cell"])
 
 
 def _sample_image():
@@ -208,9 +183,14 @@ def ratio_reason(budget: BudgetRule, gap: float) -> str:
 
 
 def _resolve_config(config: AsymVLMConfig | str | os.PathLike | None, keep_ratio: float | None,
-                    architecture: str, tiny: bool) -> tuple[VisionPruningConfig, str]:
-    if config is None:
-        name = DEFAULT_PRESET if tiny else _preset_for(architecture)
+                    architecture: str, shipped: bool) -> tuple[VisionPruningConfig, str]:
+    if config is None and shipped:
+        from .shapes_vlm import shipped_config
+
+        path = shipped_config()
+        resolved, source = AsymVLMConfig.load(path), f"shipped {path.name} (learned scorer, calibrated budget)"
+    elif config is None:
+        name = _preset_for(architecture)
         resolved, source = AsymVLMConfig.from_preset(name), f"preset {name}"
     elif isinstance(config, AsymVLMConfig):
         resolved, source = config, "given config"
@@ -284,11 +264,12 @@ def run_demo(
 
     Parameters
     ----------
-    model_dir : local model directory; None builds/reuses the tiny random LLaVA in the cache
-    image : image file; None uses the bundled sample chart (then ``question`` may be None too)
-    question : the question; None uses the bundled one, which is only valid for the sample image
-    config : AsymVLMConfig, YAML file or preset name; None picks the preset of the model's
-        architecture (``llava-1.5`` for the tiny model)
+    model_dir : local model directory; None uses the shapes VLM shipped in the package
+    image : image file; None uses the bundled image: the shapes-task image for the shipped
+        model, the sample chart for ``model_dir`` (then ``question`` may be None too)
+    question : the question; None uses the bundled one, which is only valid for the bundled image
+    config : AsymVLMConfig, YAML file or preset name; None picks the shipped model's config
+        (learned scorer, calibrated budget) or the preset of ``model_dir``'s architecture
     keep_ratio : forces ``UniformBudget(keep_ratio)`` with ``min_keep = 1``
     output_dir : where ``heatmap.png``, ``mask.png`` and ``report.json`` go
     max_new_tokens : greedy decoding length limit
@@ -314,14 +295,27 @@ def run_demo(
         raise AsymVLMError(f"--repeats must be >= 1, got {repetitions}")
     if dtype not in _DTYPES:
         raise AsymVLMError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    picture = load_image(image) if image is not None else _sample_image()
+    shipped = model_dir is None
+    expected = answer_cell = None
+    if image is not None:
+        picture = load_image(image)
+    elif shipped:
+        picture, bundled_question, bundled_answer, bundled_cell = shapes_sample()
+        if question is None:
+            question, expected, answer_cell = bundled_question, bundled_answer, bundled_cell
+    else:
+        picture = _sample_image()
     question = question if question is not None else sample_question()
 
-    tiny = model_dir is None
-    # Every input is checked before the tiny model is built or a checkpoint is loaded.
-    architecture = TINY_ARCHITECTURE if tiny else _architecture(Path(model_dir), trust_remote_code)
-    vision, config_source = _resolve_config(config, keep_ratio, architecture, tiny)
-    model_path, built = ensure_tiny_model() if tiny else (Path(model_dir), False)
+    # Every input is checked before a checkpoint is loaded.
+    architecture = SHIPPED_ARCHITECTURE if shipped else _architecture(Path(model_dir), trust_remote_code)
+    vision, config_source = _resolve_config(config, keep_ratio, architecture, shipped)
+    if shipped:
+        from .shapes_vlm import shipped_model_dir
+
+        model_path = shipped_model_dir()
+    else:
+        model_path = Path(model_dir)
     vlm = PrunedVLM.from_pretrained(model_path, vision, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
 
     inputs = vlm.process([picture], [question])
@@ -354,8 +348,8 @@ def run_demo(
         for d in decisions
     ]
     report = DemoReport(
-        model_dir=str(model_path), architecture=architecture, tiny_model=tiny, model_built=built,
-        image=str(image) if image is not None else SAMPLE_IMAGE, image_size=list(picture.size), question=question,
+        model_dir=str(model_path), architecture=architecture, shipped_model=shipped,
+        image=str(image) if image is not None else (SHAPES_IMAGE if shipped else SAMPLE_IMAGE), image_size=list(picture.size), question=question,
         config_source=config_source, budget=vlm.budget.describe(), ranker=str(vision.ranker),
         min_keep=int(vision.min_keep), images=images,
         vision_tokens_in=pruned.vision_tokens[0], vision_tokens_kept=pruned.vision_tokens_kept[0],
@@ -366,11 +360,14 @@ def run_demo(
         prefill_repetitions=repetitions, answer=answer, answer_token_ids=list(answer_ids),
         max_new_tokens=max_new_tokens,
     )
-    if tiny:
-        report.notes.append("the tiny model has random weights, so its answer is gibberish; "
-                            "pass --model DIR with a real checkpoint for a meaningful one")
+    if shipped:
         report.notes.append("a 2-layer, 128-wide model's prefill time is mostly per-call overhead, so its time "
                             "ratio lags the FLOPs ratio; a real model's prefill follows the FLOPs more closely")
+    if expected is not None:
+        report.expected_answer = expected
+        report.correct = is_correct(answer, expected)
+        report.answer_cell_kept = bool(decisions[0].kept_prunable[answer_cell])
+        report.contrast = _contrast(vlm, inputs, features, max_new_tokens, expected, answer_cell)
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -381,6 +378,12 @@ def run_demo(
     else:
         scores, kept = grids
         drawn_picture = vlm.adapter.heatmap_picture(picture, layout)
+        if max(drawn_picture.size) < 256:  # a 64-px task image: draw the figures at a size one can see
+            from PIL import Image
+
+            factor = -(-256 // max(drawn_picture.size))
+            drawn_picture = drawn_picture.resize((drawn_picture.width * factor, drawn_picture.height * factor),
+                                                 Image.Resampling.NEAREST)
         if layout.canvas is not None:  # the grid tiles the resized and padded picture
             report.notes.append(f"heatmap: the {scores.shape[0]} x {scores.shape[1]} patch grid of the "
                                 f"{layout.canvas[1]} x {layout.canvas[0]} px image the processor made of the "
@@ -396,6 +399,22 @@ def run_demo(
     return report
 
 
+def _contrast(vlm, inputs, features, max_new_tokens: int, expected: str, answer_cell: int) -> dict:
+    """The same prompt pruned by the spiral ranker at :data:`CONTRAST_KEEP_RATIO`: what a
+    position-only ranker keeps, and what the model answers from it."""
+    from .pruning import prune_prompt
+
+    with torch.inference_mode():
+        prompt = prune_prompt(vlm.model, vlm.adapter, inputs, SpiralRanker(), UniformBudget(CONTRAST_KEEP_RATIO), 1,
+                              features=features)
+    tokens = vlm.generate_from(prompt, max_new_tokens).tokens[0]
+    answer = vlm.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    decision = prompt.images[0][0]
+    return {"ranker": "spiral", "keep_ratio": CONTRAST_KEEP_RATIO, "vision_tokens_kept": decision.decision.num_keep,
+            "answer_cell_kept": bool(decision.kept_prunable[answer_cell]), "answer": answer,
+            "correct": is_correct(answer, expected)}
+
+
 def _si(value: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
@@ -405,9 +424,8 @@ def _si(value: float) -> str:
 
 def format_report(report: DemoReport) -> str:
     """The human-readable account of a :class:`DemoReport` that ``asymvlm demo`` prints."""
-    if report.tiny_model:
-        action = "built" if report.model_built else "cached"
-        model = f"tiny random {report.architecture} ({action}: {report.model_dir})"
+    if report.shipped_model:
+        model = f"the shapes VLM trained for this package ({report.architecture}, {report.model_dir})"
     else:
         model = f"{report.architecture} from {report.model_dir}"
     width, height = report.image_size
@@ -448,8 +466,16 @@ def format_report(report: DemoReport) -> str:
         f"(ratio {report.prefill_time_ratio:.3f}, median of {report.prefill_repetitions})",
         "",
         f"Answer (greedy, at most {report.max_new_tokens} new tokens, {len(report.answer_token_ids)} generated)",
-        f"  {json.dumps(report.answer, ensure_ascii=False)}",
+        f"  {json.dumps(report.answer, ensure_ascii=False)}"
+        + (f"  ({'right' if report.correct else 'WRONG'}: the answer is {json.dumps(report.expected_answer)}; "
+           f"answer cell {'kept' if report.answer_cell_kept else 'dropped'})" if report.expected_answer else ""),
     ]
+    if report.contrast is not None:
+        c = report.contrast
+        lines += ["", f"With a position-only ranker instead ({c['ranker']} at keep {c['keep_ratio']:g}, "
+                      f"{c['vision_tokens_kept']} tokens kept)",
+                  f"  {json.dumps(c['answer'], ensure_ascii=False)}  ({'right' if c['correct'] else 'wrong'}: "
+                  f"answer cell {'kept' if c['answer_cell_kept'] else 'dropped'})"]
     if report.notes:
         lines += ["", "Notes"] + [f"  - {note}" for note in report.notes]
     lines += ["", "Files"]

@@ -83,8 +83,8 @@ QWEN_TEMPLATE = (
 )
 
 
-def _byte_level_bpe(special_tokens: list[str]):
-    """A byte-level BPE tokenizer trained on :data:`CORPUS` to 400 ids, ``special_tokens`` first."""
+def _byte_level_bpe(special_tokens: list[str], corpus: list[str] = CORPUS):
+    """A byte-level BPE tokenizer trained on ``corpus`` to 400 ids, ``special_tokens`` first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
@@ -93,15 +93,16 @@ def _byte_level_bpe(special_tokens: list[str]):
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     return tok
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer with every family's special tokens, ``VOCAB`` ids in all."""
+def build_tokenizer(corpus: list[str] = CORPUS):
+    """A byte-level BPE tokenizer with every family's special tokens, ``VOCAB`` ids in all,
+    its merges learned from ``corpus``."""
     from tokenizers import AddedToken
 
-    tok = _byte_level_bpe(ALL_SPECIALS)
+    tok = _byte_level_bpe(ALL_SPECIALS, corpus)
     # vLLM's Gemma 3 processor looks up "\n", "\n\n", ... literally (Gemma's vocabulary has them).
     tok.add_tokens([AddedToken("\n" * k, normalized=False, special=False) for k in (4, 3, 2, 1)])
     n = tok.get_vocab_size()
@@ -151,11 +152,9 @@ def _save(out: Path, model, processor, hf_tok, template: str) -> None:
 
 
 def _text_config(tok, **extra) -> dict:
-    return dict(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        initializer_range=0.08, **extra,
-    )
+    return dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096) | {
+        "initializer_range": 0.08, **extra}
 
 
 def _build_gemma3(out: Path, tok, dtype: torch.dtype) -> None:
@@ -191,11 +190,11 @@ def _build_gemma3(out: Path, tok, dtype: torch.dtype) -> None:
     _save(out, model, proc, hf_tok, GEMMA3_TEMPLATE)
 
 
-def _llama_text(tok):
+def _llama_text(tok, **extra):
     from transformers import LlamaConfig
 
     return LlamaConfig(**_text_config(tok, head_dim=32, pad_token_id=_tid(tok, "<pad>"),
-                                      eos_token_id=_tid(tok, "<eos>"), bos_token_id=_tid(tok, "<bos>")))
+                                      eos_token_id=_tid(tok, "<eos>"), bos_token_id=_tid(tok, "<bos>"), **extra))
 
 
 def _build_llava(out: Path, tok, dtype: torch.dtype) -> None:

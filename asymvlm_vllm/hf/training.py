@@ -44,6 +44,7 @@ from .fidelity import hidden_state_discrepancy
 from .pruning import language_model_inputs, prune_prompt
 
 __all__ = [
+    "COMPARED_STATES",
     "MAX_ANSWER_TOKENS",
     "TrainingCheckpoint",
     "TrainingPrompt",
@@ -60,6 +61,9 @@ __all__ = [
     "train_scorer",
     "training_objective",
 ]
+
+COMPARED_STATES = ("text", "answer")
+"""Which hidden states the training loss compares (:attr:`TrainingSettings.compared`)."""
 
 MAX_ANSWER_TOKENS = 64
 """Longer answers are cut to this many tokens (VQA answers are a few words)."""
@@ -87,6 +91,10 @@ class TrainingSettings:
         ``λ`` of ``λ‖w − 1‖²``.
     seed : int ≥ 0
         Decides every epoch's sample order.
+    compared : ``"text"`` or ``"answer"``
+        Which last-layer hidden states the loss compares: every text position, prompt and
+        answer (Appendix C, the default), or only the positions that predict the answer (the
+        prompt's last token and the answer's tokens but the last).
     """
 
     epochs: int = 3
@@ -96,6 +104,7 @@ class TrainingSettings:
     mask_temperature: float = 1.0
     weight_regularization: float = 1e-3
     seed: int = 0
+    compared: str = "text"
 
     def __post_init__(self):
         checks = [
@@ -107,6 +116,7 @@ class TrainingSettings:
             ("weight_regularization", _finite(self.weight_regularization) and self.weight_regularization >= 0,
              "a number >= 0"),
             ("seed", isinstance(self.seed, int) and self.seed >= 0, "an integer >= 0"),
+            ("compared", self.compared in COMPARED_STATES, f"one of {', '.join(COMPARED_STATES)}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -135,7 +145,10 @@ class TrainingPrompt:
     text_query : Tensor, shape (L, D)
         The prompt's text-query embeddings (``t`` of Eq. 1; the answer is not part of it).
     text_positions : Tensor, shape (T_text,)
-        Every non-vision position, prompt and answer: where the loss is measured.
+        Every non-vision position, prompt and answer: where the default loss is measured.
+    answer_positions : Tensor, shape (A,)
+        The positions that predict the answer's A tokens: the prompt's last, then the
+        answer's but its last.
     """
 
     inputs_embeds: Tensor
@@ -146,6 +159,7 @@ class TrainingPrompt:
     vision: list[Tensor]
     text_query: Tensor
     text_positions: Tensor
+    answer_positions: Tensor
 
     def forward_kwargs(self) -> dict:
         return dict(language_model_inputs(self.inputs_embeds, self.attention_mask, self.position_ids,
@@ -203,6 +217,7 @@ def prepare_training_prompt(vlm, sample: Sample) -> TrainingPrompt:
         vision=vision_rows,
         text_query=embeds[0, text].clone(),
         text_positions=not_vision.nonzero().flatten(),
+        answer_positions=torch.arange(length - 1, length + answer_len - 1, device=device),
     )
 
 
@@ -230,9 +245,10 @@ def soft_mask_bias(prompt: TrainingPrompt, weight: Tensor, settings: TrainingSet
     return bias
 
 
-def _text_hidden(vlm, prompt: TrainingPrompt) -> Tensor:
+def _text_hidden(vlm, prompt: TrainingPrompt, compared: str = "text") -> Tensor:
     hidden = vlm.model.model(**prompt.forward_kwargs()).last_hidden_state
-    return hidden[0, prompt.text_positions].float()
+    positions = prompt.answer_positions if compared == "answer" else prompt.text_positions
+    return hidden[0, positions].float()
 
 
 def sample_loss(vlm, prompt: TrainingPrompt, weight: Tensor, settings: TrainingSettings) -> tuple[Tensor, Tensor]:
@@ -243,12 +259,13 @@ def sample_loss(vlm, prompt: TrainingPrompt, weight: Tensor, settings: TrainingS
     loss : Tensor, shape (), float32
         ``discrepancy + λ‖w − 1‖²``.
     discrepancy : Tensor, shape (), float32, detached
-        Mean over text positions of ``‖h_masked − h_baseline‖²`` (last layer, summed over D).
+        Mean over the compared positions (:attr:`TrainingSettings.compared`) of
+        ``‖h_masked − h_baseline‖²`` (last layer, summed over D).
     """
     with torch.no_grad():
-        baseline = _text_hidden(vlm, prompt)
+        baseline = _text_hidden(vlm, prompt, settings.compared)
     with vlm.tap.bias(soft_mask_bias(prompt, weight, settings)):
-        masked = _text_hidden(vlm, prompt)
+        masked = _text_hidden(vlm, prompt, settings.compared)
     discrepancy = (masked - baseline).pow(2).sum(-1).mean()
     loss = discrepancy + settings.weight_regularization * (weight - 1).pow(2).sum()
     return loss, discrepancy.detach()
@@ -570,7 +587,7 @@ def scorer_metadata(vlm, settings: TrainingSettings, num_samples: int, final_los
             samples=num_samples, epochs=settings.epochs, learning_rate=settings.learning_rate,
             keep_ratio=settings.keep_ratio, mask_strength=settings.mask_strength,
             mask_temperature=settings.mask_temperature, weight_regularization=settings.weight_regularization,
-            seed=settings.seed, dataset=dataset,
+            seed=settings.seed, dataset=dataset, compared=settings.compared,
             final_loss=final_loss if final_loss is not None and math.isfinite(final_loss) else None,
         ),
     )

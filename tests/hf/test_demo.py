@@ -11,19 +11,17 @@ from asymvlm_vllm import cli, plots
 from asymvlm_vllm.core import AsymVLMConfig, UniformBudget
 from asymvlm_vllm.core.flops import prefill_flops
 from asymvlm_vllm.hf import PrunedVLM
-from asymvlm_vllm.hf.demo import COMPLETE_MARKER, sample_question, tiny_model_dir
+from asymvlm_vllm.core import SpiralRanker
+from asymvlm_vllm.hf import shapes
+from asymvlm_vllm.hf.demo import sample_question, shapes_sample
+from asymvlm_vllm.hf.pruning import prune_prompt
+from asymvlm_vllm.hf.shapes_vlm import shipped_config, shipped_model_dir
 from tests.hf.conftest import random_image, remote_hd_transform
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("asymvlm-cache")
-
-
 @pytest.fixture
-def offline(monkeypatch, shared_cache):
-    """The demo's cache in a temp dir, the hub disabled, and any network connection an error."""
-    monkeypatch.setenv("ASYMVLM_CACHE_DIR", str(shared_cache))
+def offline(monkeypatch):
+    """The hub disabled, and any network connection an error."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
@@ -31,7 +29,6 @@ def offline(monkeypatch, shared_cache):
         raise OSError("asymvlm demo tried to open a network connection")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    return shared_cache
 
 
 def run_cli(capsys, *argv):
@@ -53,35 +50,52 @@ def text_dims(model_dir):
     return config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
 
 
-def test_bundled_sample_is_small_and_has_a_question():
+def test_bundled_samples_are_small_and_have_questions():
     from importlib import resources
 
     png = resources.files("asymvlm_vllm.assets") / "sample.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(png.read_bytes()) < 30_000
     assert sample_image().size == (256, 256)
     assert sample_question().strip().endswith("?")
+    picture, question, answer, cell = shapes_sample()
+    assert picture.size == (64, 64) and question in shapes.question_vocabulary()
+    assert answer in shapes.answer_vocabulary() and 0 <= cell < 64
 
 
-def test_default_demo_runs_offline_and_reports_measured_numbers(offline, tmp_path, capsys):
+def test_bundled_shapes_sample_is_what_its_metadata_says():
+    """Independent of the model: the answer cell holds the asked shape in the answer's colour."""
+    picture, question, answer, cell = shapes_sample()
+    pixels = np.asarray(picture).astype(int)
+    row, col = divmod(cell, 8)
+    tile = pixels[8 * row:8 * row + 8, 8 * col:8 * col + 8]
+    colourful = (tile.max(-1) - tile.min(-1)) > 40
+    asked = question.rstrip("?").split()[-1]
+    assert np.array_equal(colourful, shapes.MASKS[asked])
+    mean = tile[colourful].mean(0)
+    assert min(shapes.COLOURS, key=lambda c: np.abs(np.array(shapes.COLOURS[c]) - mean).sum()) == answer
+
+
+def test_default_demo_answers_right_and_shows_a_bad_ranker(offline, tmp_path, capsys):
     out_dir = tmp_path / "out"
     code, out, _ = run_cli(capsys, "--output-dir", str(out_dir), "--repeats", "3")
     assert code == 0
     report = json.loads((out_dir / "report.json").read_text())
-    model_dir = tiny_model_dir()
-    assert model_dir.parent == offline and (model_dir / COMPLETE_MARKER).is_file()
-    assert report["model_dir"] == str(model_dir) and report["tiny_model"] and report["model_built"]
-    assert report["config_source"] == "preset llava-1.5"
+    model_dir = shipped_model_dir()
+    assert report["model_dir"] == str(model_dir) and report["shipped_model"]
+    assert report["config_source"].startswith("shipped asymvlm.yaml")
+    picture, question, answer, cell = shapes_sample()
+    assert report["question"] == question and report["expected_answer"] == answer
 
-    # Recompute the decision independently with the same model, preset, image and question.
-    vlm = PrunedVLM.from_pretrained(model_dir, "llava-1.5")
-    inputs = vlm.process([sample_image()], [sample_question()])
+    # Recompute the decision independently with the same model, config, image and question.
+    vlm = PrunedVLM.from_pretrained(model_dir, shipped_config())
+    inputs = vlm.process([picture], [question])
     prompt = vlm.prune(inputs)
-    decisions = prompt.images[0]
-    num_keep = sum(d.decision.num_keep for d in decisions)
+    (decision,) = prompt.images[0]
+    num_keep = decision.decision.num_keep
     assert report["vision_tokens_in"] == 64
     assert report["vision_tokens_kept"] == num_keep < report["vision_tokens_in"]
-    assert report["images"][0]["importance_gap"] == pytest.approx(decisions[0].decision.gap)
-    assert report["images"][0]["keep_ratio"] == decisions[0].decision.keep_ratio
+    assert report["images"][0]["importance_gap"] == pytest.approx(decision.decision.gap)
+    assert report["images"][0]["keep_ratio"] == decision.decision.keep_ratio
     assert report["lm_tokens_unpruned"] == prompt.prompt_lengths[0]
     assert report["lm_tokens_pruned"] == prompt.lm_lengths[0]
     assert report["lm_tokens_unpruned"] - report["lm_tokens_pruned"] == 64 - num_keep
@@ -90,35 +104,41 @@ def test_default_demo_runs_offline_and_reports_measured_numbers(offline, tmp_pat
     assert (report["hidden_size"], report["intermediate_size"], report["num_layers"]) == (d, m, layers)
     assert report["flops_unpruned"] == prefill_flops(report["lm_tokens_unpruned"], d, m, layers)
     assert report["flops_pruned"] == prefill_flops(report["lm_tokens_pruned"], d, m, layers)
-    assert report["flops_saved_fraction"] == pytest.approx(1 - report["flops_pruned"] / report["flops_unpruned"])
     assert 0 < report["flops_saved_fraction"] < 1
     assert report["prefill_seconds_unpruned"] > 0 and report["prefill_seconds_pruned"] > 0
     assert report["prefill_repetitions"] == 3
 
-    # The answer is what greedy decoding of the pruned prompt gives.
+    # The answer is right, the answer cell was kept, and greedy decoding of the pruned prompt gives it.
     assert report["answer_token_ids"] == vlm.generate(inputs, max_new_tokens=24).tokens[0]
+    assert report["answer"] == answer and report["correct"] and report["answer_cell_kept"]
+    assert bool(decision.kept_prunable[cell])
+    # The spiral ranker at 0.25 drops the answer cell and gets it wrong.
+    contrast = report["contrast"]
+    assert contrast["ranker"] == "spiral" and contrast["keep_ratio"] == 0.25 and contrast["vision_tokens_kept"] == 16
+    assert not contrast["answer_cell_kept"] and not contrast["correct"] and contrast["answer"] != answer
+    spiral = prune_prompt(vlm.model, vlm.adapter, inputs, SpiralRanker(), UniformBudget(0.25), 1)
+    assert not bool(spiral.images[0][0].kept_prunable[cell])
 
-    # The printed report carries the numbers.
     for needle in (
+        "the shapes VLM trained for this package",
         "vision tokens in   64 (8 x 8 grid)",
         f"vision tokens kept {num_keep} of 64",
-        f"importance gap     {decisions[0].decision.gap:.4f}",
-        f"{report['lm_tokens_unpruned']} unpruned -> {report['lm_tokens_pruned']} pruned",
-        f"ratio {report['flops_ratio']:.3f}, {100 * report['flops_saved_fraction']:.1f}% saved",
-        f"ratio {report['prefill_time_ratio']:.3f}, median of 3",
-        "random weights, so its answer is gibberish",
+        f'"{answer}"  (right: the answer is "{answer}"; answer cell kept)',
+        "With a position-only ranker instead (spiral at keep 0.25, 16 tokens kept)",
+        "(wrong: answer cell dropped)",
         str(out_dir / "heatmap.png"),
     ):
         assert needle in out, needle
+    assert "gibberish" not in out
 
-    # Figures: the heatmap figure for a 256x256 image, and a mask whose dropped patches are dark.
+    # Figures: drawn at 256 px (the 64-px image upscaled 4x); dropped patches are dark in the mask.
     with Image.open(out_dir / "heatmap.png") as heatmap:
         assert heatmap.format == "PNG" and heatmap.size == plots.heatmap_figure_size((256, 256))
-    kept = decisions[0].kept_prunable.reshape(8, 8).numpy()
+    kept = decision.kept_prunable.reshape(8, 8).numpy()
     with Image.open(out_dir / "mask.png") as mask_png:
         assert mask_png.size == (256, 256)
         mask = np.asarray(mask_png.convert("RGB")).astype(float)
-    original = np.asarray(sample_image()).astype(float)
+    original = np.asarray(picture.resize((256, 256), Image.Resampling.NEAREST)).astype(float)
     for r in range(8):
         for c in range(8):
             block = (slice(32 * r, 32 * r + 32), slice(32 * c, 32 * c + 32))
@@ -127,28 +147,13 @@ def test_default_demo_runs_offline_and_reports_measured_numbers(offline, tmp_pat
             else:
                 assert mask[block].mean() <= 0.25 * original[block].mean() + 1
 
-    # Second run: the cached model is reused, not rebuilt.
-    weights = model_dir / "model.safetensors"
-    stamp = weights.stat().st_mtime_ns
-    code, out, _ = run_cli(capsys, "--output-dir", str(out_dir), "--repeats", "1", "--max-new-tokens", "2")
-    assert code == 0
-    again = json.loads((out_dir / "report.json").read_text())
-    assert again["model_built"] is False and "(cached: " in out
-    assert weights.stat().st_mtime_ns == stamp
-    assert again["vision_tokens_kept"] == report["vision_tokens_kept"]
-    assert again["answer_token_ids"] == report["answer_token_ids"][:2]
 
-
-def test_incomplete_cache_is_rebuilt(offline, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("ASYMVLM_CACHE_DIR", str(tmp_path / "cache"))
-    broken = tiny_model_dir()
-    broken.mkdir(parents=True)
-    (broken / "config.json").write_text("{}")  # an interrupted build: no marker
-    code, _, _ = run_cli(capsys, "--output-dir", str(tmp_path / "out"), "--repeats", "1", "--max-new-tokens", "1")
+def test_a_question_of_ones_own_about_the_bundled_image(offline, tmp_path, capsys):
+    picture, _, _, _ = shapes_sample()
+    code, out, _ = run_cli(capsys, "--question", "is there a ring?", "--output-dir", str(tmp_path), "--repeats", "1")
     assert code == 0
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["model_built"] is True
-    assert (broken / COMPLETE_MARKER).is_file() and (broken / "model.safetensors").is_file()
-    assert [p.name for p in broken.parent.iterdir()] == [broken.name]  # no staging leftovers
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["expected_answer"] is None and report["contrast"] is None and report["answer"] in ("yes", "no")
 
 
 def test_keep_ratio_forces_a_uniform_budget(offline, tmp_path, capsys):
@@ -156,14 +161,14 @@ def test_keep_ratio_forces_a_uniform_budget(offline, tmp_path, capsys):
                            "--max-new-tokens", "1")
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    # floor(64 * 0.25) = 16: the preset's min_keep of 32 does not apply to a forced ratio.
+    # floor(64 * 0.25) = 16: a config's min_keep does not apply to a forced ratio.
     assert report["vision_tokens_kept"] == report["images"][0]["num_keep"] == 16
     assert report["min_keep"] == 1 and report["budget"] == "uniform keep ratio 0.25"
     assert report["lm_tokens_unpruned"] - report["lm_tokens_pruned"] == 64 - 16
     assert "floor(64 x 0.25) = 16" in out
 
 
-def test_config_file_overrides_the_preset(offline, tmp_path, capsys):
+def test_config_file_overrides_the_shipped_config(offline, tmp_path, capsys):
     config = AsymVLMConfig.from_preset("llava-1.5").model_dump(mode="json")
     config["vision"]["budget"] = {"rule": "uniform", "ratio": 0.25}
     config["vision"]["min_keep"] = 40
@@ -174,6 +179,7 @@ def test_config_file_overrides_the_preset(offline, tmp_path, capsys):
     assert code == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["vision_tokens_kept"] == 40 and report["config_source"] == f"file {path}"
+    assert report["ranker"] == "cosine"
     assert "floor(64 x 0.25) = 16, raised to min_keep 40" in out
 
 
@@ -186,7 +192,7 @@ def test_real_model_directory_of_another_family(offline, tiny_model_dirs, tmp_pa
                            "--repeats", "1", "--max-new-tokens", "3")
     assert code == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["architecture"] == "Qwen2_5_VLForConditionalGeneration" and not report["tiny_model"]
+    assert report["architecture"] == "Qwen2_5_VLForConditionalGeneration" and not report["shipped_model"]
     assert report["config_source"] == "preset qwen2.5-vl"  # picked by architecture
     assert report["image"] == str(image_path) and report["question"] == "What is shown in this picture?"
     assert report["images"][0]["grid_shape"] == [1, 8, 8]
@@ -231,14 +237,13 @@ def test_family_without_a_single_grid_skips_the_heatmap(offline, tiny_model_dirs
     ],
 )
 def test_bad_input_exits_2_before_any_model_work(offline, tmp_path, monkeypatch, capsys, make_args, message):
-    monkeypatch.setenv("ASYMVLM_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "notes.txt").write_text("not an image")
     random_image(0).save(tmp_path / "picture.png")
     code, out, err = run_cli(capsys, *make_args(tmp_path), "--output-dir", str(tmp_path / "out"))
     assert code == 2
     assert err.startswith("asymvlm: error: ") and message in err
     assert out == ""
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_architecture_is_a_clear_error(offline, tmp_path, capsys):
@@ -258,9 +263,9 @@ def test_keep_ratio_out_of_range_is_a_usage_error(capsys, ratio):
 def test_run_demo_returns_the_report(offline, tmp_path):
     from asymvlm_vllm.hf.demo import format_report, run_demo
 
-    report = run_demo(question="What is the total?", keep_ratio=0.5, output_dir=tmp_path, max_new_tokens=1,
+    report = run_demo(question="how many red shapes?", keep_ratio=0.5, output_dir=tmp_path, max_new_tokens=1,
                       repetitions=1)
-    assert report.question == "What is the total?" and report.vision_tokens_kept == 32
+    assert report.question == "how many red shapes?" and report.vision_tokens_kept == 32
     assert report.flops_ratio == report.flops_pruned / report.flops_unpruned
     assert json.loads((tmp_path / "report.json").read_text())["flops_ratio"] == report.flops_ratio
     assert format_report(report).startswith("AsymVLM demo\n")
