@@ -53,6 +53,7 @@ class ScorerTraining(BaseModel):
     dataset: str | None = None
     final_loss: float | None = None
     compared: Literal["text", "answer"] | None = None
+    objective: Literal["soft-mask hidden states", "answer cells"] | None = None
 
 
 class ScorerMetadata(BaseModel):

@@ -587,7 +587,7 @@ def scorer_metadata(vlm, settings: TrainingSettings, num_samples: int, final_los
             samples=num_samples, epochs=settings.epochs, learning_rate=settings.learning_rate,
             keep_ratio=settings.keep_ratio, mask_strength=settings.mask_strength,
             mask_temperature=settings.mask_temperature, weight_regularization=settings.weight_regularization,
-            seed=settings.seed, dataset=dataset, compared=settings.compared,
+            seed=settings.seed, dataset=dataset, compared=settings.compared, objective="soft-mask hidden states",
             final_loss=final_loss if final_loss is not None and math.isfinite(final_loss) else None,
         ),
     )
