@@ -50,6 +50,7 @@ __all__ = [
     "TrainingPrompt",
     "TrainingResult",
     "TrainingSettings",
+    "answer_text",
     "epoch_order",
     "heldout_discrepancy",
     "load_checkpoint",
@@ -184,7 +185,8 @@ def prepare_training_prompt(vlm, sample: Sample) -> TrainingPrompt:
         # Keep-all: the prompt's embeddings, positions and image placement, unpruned.
         prompt = prune_prompt(model, vlm.adapter, inputs, CosineRanker(), UniformBudget(1.0), 1)
         # Tokenized on its own and appended right after the generation prompt, as generated.
-        answer_ids = vlm.processor.tokenizer(sample.answer, add_special_tokens=False)["input_ids"][:MAX_ANSWER_TOKENS]
+        answer_ids = vlm.processor.tokenizer(answer_text(vlm, sample.question, sample.answer),
+                                             add_special_tokens=False)["input_ids"][:MAX_ANSWER_TOKENS]
         if not answer_ids:
             raise AsymVLMError(f"{sample.source}: the answer {sample.answer!r} tokenizes to nothing")
         answer_ids = torch.tensor([answer_ids], dtype=torch.long, device=device)
@@ -219,6 +221,27 @@ def prepare_training_prompt(vlm, sample: Sample) -> TrainingPrompt:
         text_positions=not_vision.nonzero().flatten(),
         answer_positions=torch.arange(length - 1, length + answer_len - 1, device=device),
     )
+
+
+def answer_text(vlm, question: str, answer: str) -> str:
+    """``answer`` as the chat template writes it after the generation prompt.
+
+    Some templates put a space before the answer (LLaVA's ``ASSISTANT: blue``): for a
+    byte-level BPE tokenizer `` blue`` and ``blue`` are different tokens, and the model
+    generates the first. The template renders the conversation with the answer as the
+    assistant's turn; what follows the generation prompt, up to the answer's end, is the text to
+    teacher-force. A template that does not render it so gets the bare answer.
+    """
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    try:
+        prompt = vlm.adapter.render(vlm.processor, user, add_generation_prompt=True)
+        full = vlm.adapter.render(vlm.processor, user + [{"role": "assistant", "content": answer}],
+                                  add_generation_prompt=False)
+    except Exception:  # templates differ; the bare answer is the safe fallback
+        return answer
+    rest = full[len(prompt):] if full.startswith(prompt) else ""
+    end = rest.find(answer)
+    return rest[:end + len(answer)] if end >= 0 and not rest[:end].strip() else answer
 
 
 def soft_mask_bias(prompt: TrainingPrompt, weight: Tensor, settings: TrainingSettings) -> Tensor:

@@ -16,6 +16,7 @@ from asymvlm_vllm.core import load_scorer
 from asymvlm_vllm.core.errors import AsymVLMError
 from asymvlm_vllm.hf.data import Sample
 from asymvlm_vllm.hf.training import (
+    answer_text,
     TrainingSettings,
     heldout_discrepancy,
     load_checkpoint,
@@ -58,8 +59,10 @@ def make_samples(n: int, offset: int) -> list[Sample]:
 
 
 def test_training_prompt_and_gradient_reach_only_w(vlm):
-    prompt = prepare_training_prompt(vlm, make_samples(1, 0)[0])
-    answer = vlm.processor.tokenizer(ANSWERS[0], add_special_tokens=False)["input_ids"]
+    sample = make_samples(1, 0)[0]
+    prompt = prepare_training_prompt(vlm, sample)
+    answer = vlm.processor.tokenizer(answer_text(vlm, sample.question, sample.answer),
+                                     add_special_tokens=False)["input_ids"]
     length = prompt.inputs_embeds.shape[1]
     assert len(prompt.vision) == 1 and prompt.vision[0].shape == (64, 128)
     assert prompt.position_ids.tolist() == [list(range(length))]
@@ -80,7 +83,8 @@ def test_phi3v_training_prompt_masks_only_its_patches(tiny_vlm):
     phi = tiny_vlm("phi3_v")
     sample = Sample(_png(random_image(7, 64, 128)), QUESTIONS[0], (ANSWERS[0],), "synthetic#phi")
     prompt = prepare_training_prompt(phi, sample)
-    answer = phi.processor.tokenizer(ANSWERS[0], add_special_tokens=False)["input_ids"]
+    answer = phi.processor.tokenizer(answer_text(phi, sample.question, sample.answer),
+                                     add_special_tokens=False)["input_ids"]
     length = prompt.inputs_embeds.shape[1]
     assert len(prompt.vision) == 1 and prompt.vision[0].shape == (432, 128)
     assert prompt.text_positions.numel() == length - 457
@@ -286,3 +290,12 @@ def test_cli_bad_inputs_exit_2_with_a_precise_message(tiny_model_dirs, tmp_path,
     code = cli.main(["train-scorer", "--model", model, "--data", str(data), "-o", str(tmp_path / "s.safetensors"),
                      "--resume", str(data)])
     assert code == 2 and "is not a safetensors checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family,expected", [("llava", " a red square"), ("qwen2_5_vl", "a red square"),
+                                             ("gemma3", "a red square"), ("phi3_v", "a red square")])
+def test_the_answer_is_teacher_forced_as_the_chat_template_writes_it(tiny_vlm, family, expected):
+    """LLaVA's template writes `ASSISTANT: answer`: with a byte-level BPE tokenizer the model
+    generates ` a`, not `a`, so that is what training feeds it."""
+    vlm = tiny_vlm(family)
+    assert answer_text(vlm, QUESTIONS[0], "a red square") == expected
