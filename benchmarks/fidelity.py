@@ -41,6 +41,7 @@ from benchmarks.common import append_rows, provenance, refuse_dirty_results  # n
 KEEP_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.125)
 RANKERS = ("learned", "cosine", "spiral", "random", "oracle")
 TARGETS = (0.25, 0.125)
+RATIO_GRID = (0.0625, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.75, 1.0)  # whole tokens of 64: 4, 8, 12, 16, 24, ...
 CPU_SERVE_FLAGS = ("--enforce-eager", "--dtype", "float32", "--block-size", "32", "--max-model-len", "256",
                    "--compilation-config", '{"custom_ops": ["none"]}')
 
@@ -129,7 +130,7 @@ def budget_table(vlm, calibration, items, targets) -> tuple[list[dict], dict]:
     for target in targets:
         for method in ("threshold", "linear"):
             report = calibrate(vlm, samples, method=method, objective="exact", target=target, max_new_tokens=4,
-                               batch_size=32, table=table)
+                               batch_size=32, table=table, ratio_grid=RATIO_GRID)
             table = report.table
             rule = report.chosen.rule
             rules[(method, target)] = rule
