@@ -275,7 +275,7 @@ def test_smoke_script_parses_and_mounts_the_shim_only_for_its_run():
     text = script.read_text()
     assert "--build-arg \"BASE=$BASE_IMAGE\"" in text and '-f "$REPO/Dockerfile"' in text
     assert '-v "$REPO/tests/engine/cpu_shim:/opt/asymvlm-test-cpu-shim:ro"' in text
-    assert '-v "$WORK/model:/models/shapes-vlm:ro"' in text
+    assert '-v "$WORK/model:/models/shapes-vlm:ro" -v "$WORK/config:/config:ro"' in text
     assert "rmi --all" in text and "rm --all" in text
 
 

@@ -14,11 +14,12 @@
 #              for a TLS-inspecting proxy in front of the package index);
 #   3. image:  runs as `vllm`, has the HEALTHCHECK and the labels, holds no test shim, no /src, and
 #              none of the host's extra CA certificates (the whole filesystem is searched);
-#   4. serve:  podman run on 127.0.0.1 with a tiny LLaVA mounted read-only at /models and the
-#              TEST-ONLY CPU-op shim mounted read-only and put on PYTHONPATH for this run only;
-#              `vllm serve /models/shapes-vlm --plugin asymvlm --asymvlm-config llava-1.5` + the CPU
-#              test flags; an image chat must come back `pruned`, /metrics must count it, the
-#              HEALTHCHECK must pass and every process in the container must run as `vllm`;
+#   4. serve:  podman run on 127.0.0.1 with a tiny LLaVA mounted read-only at /models, an AsymVLM
+#              config with a scorer file mounted read-only at /config, and the TEST-ONLY CPU-op shim
+#              mounted read-only and put on PYTHONPATH for this run only;
+#              `vllm serve /models/shapes-vlm --plugin asymvlm --asymvlm-config /config/asymvlm.yaml`
+#              + the CPU test flags; an image chat must come back `pruned`, /metrics must count it,
+#              the HEALTHCHECK must pass and every process in the container must run as `vllm`;
 #   5. clean:  every container and image it made, and its storage, are removed (also on failure).
 #
 # It prints `SMOKE key=value` lines (phase times, image size, peak disk) and a summary at the end.
@@ -73,6 +74,7 @@ avail_gb=$(( $(df --output=avail -B1G "$DISK_FS" | tail -1) ))
 SAMPLER=""
 cleanup() {
     local rc=$?
+    set +e +o pipefail
     [[ -n $SAMPLER ]] && kill "$SAMPLER" 2>/dev/null || true
     if [[ $KEEP == 1 ]]; then
         log "ASYMVLM_SMOKE_KEEP=1: keeping $WORK (images $BASE_IMAGE, $IMAGE)"
@@ -82,7 +84,7 @@ cleanup() {
         pod image unmount --all >/dev/null 2>&1 || true
         bah rm --all >/dev/null 2>&1 || true
         bah rmi --all --force >/dev/null 2>&1 || true
-        grep -o " $WORK[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" || true; done
+        grep -o " $WORK[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
         rm -rf "$WORK"
         [[ ! -e $WORK ]] && report cleaned yes || report cleaned no
         [[ -n ${DISK0:-} ]] && report disk_after_cleanup "$(( ($(used_mb) - DISK0) ))MB more than before"
@@ -176,29 +178,57 @@ phase_end image_check_time
 
 # ----------------------------------------------------------------------------------- 4. serve
 phase_start "4/5 serve: vllm serve --plugin asymvlm in the container (CPU, tiny LLaVA)"
-mkdir -p "$WORK/model"
+mkdir -p "$WORK/model" "$WORK/config"
 if [[ -f $MODEL_SRC/config.json ]]; then
-    cp -r "$MODEL_SRC/." "$WORK/model/"
+    # The model's own files only: vLLM loads every *.safetensors of a model folder as weights, so a
+    # scorer file must live elsewhere (here: the config folder).
+    find "$MODEL_SRC" -maxdepth 1 -type f ! -name 'scorer*.safetensors' ! -name '*.yaml' -exec cp {} "$WORK/model/" \;
 else
     "$REPO/.venv/bin/python" -c "from asymvlm_vllm.hf.tiny import build_tiny_model; build_tiny_model('llava', '$WORK/model')"
 fi
-chmod -R a+rX "$WORK/model"  # the container's user (uid 1000) reads it
+# The config: the llava-1.5 preset's budget (keep <= 0.5, so the 64-token image is always pruned),
+# with the model's trained scorer when there is one (a relative path: next to the YAML).
+if [[ -f $MODEL_SRC/scorer.safetensors ]]; then
+    cp "$MODEL_SRC/scorer.safetensors" "$WORK/config/"
+    ranker="ranker: learned
+  scorer: scorer.safetensors"
+else
+    ranker="ranker: cosine"
+fi
+cat > "$WORK/config/asymvlm.yaml" <<EOF
+description: docker smoke test (the llava-1.5 preset's budget)
+architectures: [LlavaForConditionalGeneration]
+vision:
+  enabled: true
+  $ranker
+  budget: {rule: threshold, gap_low: 0.171, gap_high: 0.265,
+           ratio_conservative: 0.5, ratio_moderate: 0.35, ratio_aggressive: 0.25}
+  min_keep: 16
+EOF
+report asymvlm_config "$(grep -E 'ranker|scorer' "$WORK/config/asymvlm.yaml" | tr -s ' \n' ' ')"
+chmod -R a+rX "$WORK/model" "$WORK/config"  # the container's user (uid 1000) reads them
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 URL=http://127.0.0.1:$PORT
 hard_nproc=$(ulimit -Hu); [[ $hard_nproc == unlimited || $hard_nproc -gt 32768 ]] && hard_nproc=32768
 pod run -d --name "$CONTAINER" \
     --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit "nproc=$hard_nproc:$hard_nproc" \
     --shm-size 1g -p "127.0.0.1:$PORT:8000" \
-    -v "$WORK/model:/models/shapes-vlm:ro" \
+    -v "$WORK/model:/models/shapes-vlm:ro" -v "$WORK/config:/config:ro" \
     -v "$REPO/tests/engine/cpu_shim:/opt/asymvlm-test-cpu-shim:ro" \
     -e PYTHONPATH=/opt/asymvlm-test-cpu-shim -e VLLM_TARGET_DEVICE=cpu -e VLLM_CPU_KVCACHE_SPACE=1 \
     "$IMAGE" \
-    /models/shapes-vlm --plugin asymvlm --asymvlm-config llava-1.5 --host 0.0.0.0 --port 8000 \
+    /models/shapes-vlm --plugin asymvlm --asymvlm-config /config/asymvlm.yaml --host 0.0.0.0 --port 8000 \
     --enforce-eager --max-model-len 512 --dtype float32 --block-size 32 \
-    --compilation-config '{"custom_ops": ["none"]}' --max-num-seqs 4 > /dev/null
+    --compilation-config '{"custom_ops": ["none"]}' --max-num-seqs 4 > /dev/null 2> "$WORK/run.err" \
+    || { cat "$WORK/run.err"; fail "podman run"; }
 START=$(date +%s)
-python3 "$REPO/tests/docker/smoke_request.py" health "$URL" "$STARTUP_TIMEOUT_S" \
-    || { pod logs --tail 60 "$CONTAINER" 2>&1; fail "the server did not come up"; }
+until python3 "$REPO/tests/docker/smoke_request.py" health "$URL" 10 2>/dev/null; do
+    state=$(pod container inspect --format '{{.State.Status}}' "$CONTAINER")
+    if [[ $state != running ]] || (( $(date +%s) - START > STARTUP_TIMEOUT_S )); then
+        pod logs --tail 60 "$CONTAINER" 2>&1 | cut -c1-400
+        fail "the server did not come up (container $state after $(( $(date +%s) - START )) s)"
+    fi
+done
 report server_startup_time "$(( $(date +%s) - START ))s"
 answer=$(python3 "$REPO/tests/docker/smoke_request.py" chat "$URL" /models/shapes-vlm) \
     || { echo "$answer"; pod logs --tail 60 "$CONTAINER" 2>&1; fail "image chat"; }
