@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -186,7 +187,7 @@ def served_table(args, model_dir: Path, scorer: Path, rule, items, hf_answers: d
         env, flags = subprocess_env(), list(CPU_SERVE_FLAGS)
     config = {"architectures": ["LlavaForConditionalGeneration"], "calibrated": True,
               "vision": {"enabled": True, "ranker": "learned", "scorer": str(scorer.resolve()),
-                         "budget": rule.model_dump(mode="json"), "min_keep": 1}}
+                         "budget": dataclasses.asdict(rule), "min_keep": 1}}
     config_path = work / "asymvlm.yaml"
     config_path.write_text(yaml.safe_dump(config))
     server = Server(str(model_dir), [*flags, "--plugin", "asymvlm", "--asymvlm-config", str(config_path)], env,
@@ -259,6 +260,8 @@ def main(argv=None) -> list[dict]:
     rows, answers = ranker_table(vlm, items, rankers(weight))
     budget_rows, rules = budget_table(vlm, calibration, items, args.targets)
     rows += budget_rows
+    append_rows(args.out, [{**common, **row} for row in rows])  # kept even if the served part fails
+    written = len(rows)
     if args.served:
         from asymvlm_vllm.hf.shapes_vlm import accuracy
 
@@ -273,7 +276,7 @@ def main(argv=None) -> list[dict]:
         work = Path(tempfile.mkdtemp(prefix="asymvlm-fidelity-"))
         rows += served_table(args, model_dir, scorer, rule, served, answers, work)
     rows = [{**common, **row} for row in rows]
-    append_rows(args.out, rows)
+    append_rows(args.out, rows[written:])
     save_chart(rows, args.png)
     print(f"wrote {len(rows)} rows to {args.out} and {args.png}")
     return rows
