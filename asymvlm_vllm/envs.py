@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 __all__ = ["V2_RUNNER_VARIABLE", "select_v1_model_runner", "triton_interpreted", "v2_model_runner_forced"]
 

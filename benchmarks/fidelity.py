@@ -26,7 +26,6 @@ import argparse
 import base64
 import dataclasses
 import io
-import json
 import os
 import sys
 import tempfile
@@ -58,6 +57,8 @@ def parse_args(argv):
     p.add_argument("--served", action="store_true", help="also run the served plugin and compare")
     p.add_argument("--served-items", type=int, default=200, help="test items sent to the server (default 200)")
     p.add_argument("--served-keep-ratios", type=float, nargs="+", default=[1.0, 0.5, 0.125])
+    p.add_argument("--served-only", action="store_true",
+                   help="with --served: skip Tables 4 and 5 (calibrate only the served Method A rule)")
     p.add_argument("--cpu-test-engine", action="store_true", help="vLLM's CPU engine with the test op stand-ins")
     p.add_argument("--smoke", action="store_true", help="CI: 48 test items, 64 calibration items, one target")
     p.add_argument("--out", type=Path, default=RESULTS / "fidelity.json")
@@ -120,21 +121,23 @@ def ranker_table(vlm, items, ranked) -> tuple[list[dict], dict]:
     return rows, answers
 
 
-def budget_table(vlm, calibration, items, targets) -> tuple[list[dict], dict]:
+def budget_table(vlm, calibration, items, targets, methods=("threshold", "linear")) -> tuple[list[dict], dict]:
     from asymvlm_vllm.core import UniformBudget
-    from asymvlm_vllm.hf.calibration import calibrate, measure_table
+    from asymvlm_vllm.hf.calibration import calibrate
     from asymvlm_vllm.hf.shapes_vlm import accuracy
 
     samples = [(it.pil_image(), it.question, (it.answer,)) for it in calibration]
     rows, rules = [], {}
     table = None
     for target in targets:
-        for method in ("threshold", "linear"):
+        for method in methods:
             report = calibrate(vlm, samples, method=method, objective="exact", target=target, max_new_tokens=4,
                                batch_size=32, table=table, ratio_grid=RATIO_GRID)
             table = report.table
             rule = report.chosen.rule
             rules[(method, target)] = rule
+            if not items:
+                continue
             adaptive = accuracy(vlm, items, rule)
             average = sum(adaptive["keep_ratios"]) / len(items)
             uniform = accuracy(vlm, items, UniformBudget(min(1.0, average)))
@@ -212,6 +215,15 @@ def served_table(args, model_dir: Path, scorer: Path, rule, items, hf_answers: d
     return rows
 
 
+def latest_tables(path: Path) -> list[dict]:
+    """The Table 4 and 5 rows of the latest full run recorded in ``path`` (for a served-only run's chart)."""
+    import json
+
+    tables = [r for r in json.loads(path.read_text()) if r["table"] in ("rankers", "budgets")]
+    last = tables[-1]["date"] if tables else None
+    return [r for r in tables if r["date"] == last]
+
+
 def save_chart(rows: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -257,10 +269,15 @@ def main(argv=None) -> list[dict]:
     common.update(model=str(model_dir), scorer=str(scorer), smoke=args.smoke)
     items = shapes.make_items("test", args.items)
     calibration = shapes.make_items("calibration", args.calibration_items)
-    rows, answers = ranker_table(vlm, items, rankers(weight))
-    budget_rows, rules = budget_table(vlm, calibration, items, args.targets)
-    rows += budget_rows
-    append_rows(args.out, [{**common, **row} for row in rows])  # kept even if the served part fails
+    if args.served_only:
+        rows, answers = [], {}
+        _, rules = budget_table(vlm, calibration, items[:0], args.targets[:1], methods=("threshold",))
+    else:
+        rows, answers = ranker_table(vlm, items, rankers(weight))
+        budget_rows, rules = budget_table(vlm, calibration, items, args.targets)
+        rows += budget_rows
+    if rows:
+        append_rows(args.out, [{**common, **row} for row in rows])  # kept even if the served part fails
     written = len(rows)
     if args.served:
         from asymvlm_vllm.hf.shapes_vlm import accuracy
@@ -277,7 +294,7 @@ def main(argv=None) -> list[dict]:
         rows += served_table(args, model_dir, scorer, rule, served, answers, work)
     rows = [{**common, **row} for row in rows]
     append_rows(args.out, rows[written:])
-    save_chart(rows, args.png)
+    save_chart(rows if not args.served_only else latest_tables(args.out), args.png)
     print(f"wrote {len(rows)} rows to {args.out} and {args.png}")
     return rows
 

@@ -16,7 +16,7 @@ The scorer is chosen on the calibration split (the sum of its accuracies at both
 among every trained one, and reported on the test split. ``--save FILE`` writes it (the package
 ships the result); its metadata says which objective trained it.
 
-    .venv/bin/python benchmarks/scorer_objectives.py --save asymvlm_vllm/assets/shapes_vlm/scorer.safetensors
+    .venv/bin/python benchmarks/scorer_objectives.py --save asymvlm_vllm/assets/shapes_scorer.safetensors
 """
 
 from __future__ import annotations

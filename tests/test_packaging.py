@@ -63,8 +63,13 @@ def test_wheel_layout(tmp_path):
     # The trained shapes VLM, its scorer, config and card, and the demo's task image.
     shipped = {f"asymvlm_vllm/assets/shapes_vlm/{n}" for n in (
         "config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja",
-        "card.json", "scorer.safetensors", "asymvlm.yaml")}
-    assert shipped | {"asymvlm_vllm/assets/shapes.png", "asymvlm_vllm/assets/shapes.json"} <= set(names)
+        "card.json")}
+    beside = {f"asymvlm_vllm/assets/{n}" for n in ("shapes.png", "shapes.json", "shapes_scorer.safetensors",
+                                                   "shapes_asymvlm.yaml")}
+    assert shipped | beside <= set(names)
+    # vLLM loads every *.safetensors in a model directory as weights: only the model's may be there.
+    assert [n for n in names if n.startswith("asymvlm_vllm/assets/shapes_vlm/") and n.endswith(".safetensors")] == [
+        "asymvlm_vllm/assets/shapes_vlm/model.safetensors"]
     presets = sorted(n for n in names if n.startswith("asymvlm_vllm/configs/") and n.endswith(".yaml"))
     assert [Path(n).stem for n in presets] == sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 

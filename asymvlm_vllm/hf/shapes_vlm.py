@@ -494,21 +494,23 @@ def accuracy(vlm, items: Sequence[shapes.ShapesItem], budget: BudgetRule | None 
             "correct": correct, "keep_ratios": keep_ratios, "gaps": gaps, "kept_relevant": kept_first}
 
 
-SHIPPED_SCORER = "scorer.safetensors"
-SHIPPED_CONFIG = "asymvlm.yaml"
+# Beside the model directory, not in it: vLLM loads every *.safetensors file in a model directory
+# as weights, and a scorer's "weight" tensor there stops the server from starting.
+SHIPPED_SCORER = "shapes_scorer.safetensors"
+SHIPPED_CONFIG = "shapes_asymvlm.yaml"
 
 
 def shipped_scorer() -> Path:
-    """The learned scorer file shipped with the shapes VLM (trained with ``asymvlm train-scorer``)."""
-    path = shipped_model_dir() / SHIPPED_SCORER
+    """The learned scorer file shipped for the shapes VLM (``asymvlm_vllm/assets/shapes_scorer.safetensors``)."""
+    path = Path(str(resources.files("asymvlm_vllm.assets") / SHIPPED_SCORER))
     if not path.is_file():
         raise AsymVLMError(f"the shipped shapes scorer is missing: {path}; reinstall asymvlm-vllm")
     return path
 
 
 def shipped_config() -> Path:
-    """The AsymVLM config shipped with the shapes VLM: the learned scorer and its calibrated budget."""
-    path = shipped_model_dir() / SHIPPED_CONFIG
+    """The AsymVLM config shipped for the shapes VLM: its learned scorer and calibrated budget."""
+    path = Path(str(resources.files("asymvlm_vllm.assets") / SHIPPED_CONFIG))
     if not path.is_file():
         raise AsymVLMError(f"the shipped shapes config is missing: {path}; reinstall asymvlm-vllm")
     return path

@@ -82,7 +82,7 @@ def test_default_demo_answers_right_and_shows_a_bad_ranker(offline, tmp_path, ca
     report = json.loads((out_dir / "report.json").read_text())
     model_dir = shipped_model_dir()
     assert report["model_dir"] == str(model_dir) and report["shipped_model"]
-    assert report["config_source"].startswith("shipped asymvlm.yaml")
+    assert report["config_source"].startswith("shipped shapes_asymvlm.yaml")
     picture, question, answer, cell = shapes_sample()
     assert report["question"] == question and report["expected_answer"] == answer
 
