@@ -161,7 +161,8 @@ def data_url(item) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def served_answers(url: str, model: str, items, xargs: dict) -> list[str]:
+def served_answers(url: str, model: str, items, xargs: dict) -> list[tuple[str, str | None, float | None]]:
+    """Per item: the answer, the plugin's outcome status, and the kept fraction of its vision tokens."""
     import httpx
 
     def ask(item):
@@ -170,13 +171,19 @@ def served_answers(url: str, model: str, items, xargs: dict) -> list[str]:
                                                           {"type": "text", "text": item.question}]}]}
         response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
         response.raise_for_status()
-        return response.json()["choices"][0]["message"]["content"] or ""
+        body = response.json()
+        outcome = (body.get("kv_transfer_params") or {}).get("asymvlm") or {}
+        kept = outcome.get("vision_tokens_kept", outcome.get("vision_tokens"))
+        total = outcome.get("vision_tokens")
+        return (body["choices"][0]["message"]["content"] or "").strip(), outcome.get("status"), (
+            kept / total if kept is not None and total else None)
 
     with ThreadPoolExecutor(8) as pool:
-        return [a.strip() for a in pool.map(ask, items)]
+        return list(pool.map(ask, items))
 
 
-def served_table(args, model_dir: Path, scorer: Path, rule, items, hf_answers: dict, work: Path) -> list[dict]:
+def served_table(args, model_dir: Path, scorer: Path, rule, items, hf_answers: dict, hf_keep: dict,
+                 work: Path) -> list[dict]:
     import yaml
 
     from asymvlm_vllm.hf.shapes import is_correct
@@ -193,6 +200,9 @@ def served_table(args, model_dir: Path, scorer: Path, rule, items, hf_answers: d
                          "budget": dataclasses.asdict(rule), "min_keep": 1}}
     config_path = work / "asymvlm.yaml"
     config_path.write_text(yaml.safe_dump(config))
+    # Every case sends the same images: with prefix caching the later cases would hit the first
+    # case's cache and run unpruned (status prefix_cached), measuring nothing.
+    flags.append("--no-enable-prefix-caching")
     server = Server(str(model_dir), [*flags, "--plugin", "asymvlm", "--asymvlm-config", str(config_path)], env,
                     work / "server.log", startup_timeout=900)
     rows = []
@@ -200,16 +210,22 @@ def served_table(args, model_dir: Path, scorer: Path, rule, items, hf_answers: d
         cases = [(f"uniform {r:g}", {"asymvlm_keep_ratio": r, "asymvlm_min_keep": 1}, ("learned", r))
                  for r in args.served_keep_ratios] + [("method A (threshold)", {}, ("adaptive", None))]
         for label, xargs, key in cases:
-            answers = served_answers(server.url, str(model_dir), items, xargs)
+            results = served_answers(server.url, str(model_dir), items, xargs)
+            answers = [a for a, _, _ in results]
+            kept = [k for _, _, k in results if k is not None]
+            statuses = sorted({st for _, st, _ in results if st is not None})
             reference = hf_answers[key][:len(items)]
             served_acc = sum(is_correct(a, it.answer) for a, it in zip(answers, items)) / len(items)
             hf_acc = sum(is_correct(a, it.answer) for a, it in zip(reference, items)) / len(items)
             same = sum(a == b for a, b in zip(answers, reference)) / len(items)
             rows.append({"table": "served", "path": "vllm serve --plugin asymvlm", "budget": label, "items": len(items),
                          "accuracy": served_acc, "transformers_accuracy": hf_acc, "same_answer": same,
-                         "keep_ratio": key[1]})
+                         "keep_ratio": key[1], "statuses": statuses,
+                         "served_average_keep": sum(kept) / len(kept) if kept else None,
+                         "transformers_average_keep": hf_keep.get(key)})
             print(f"served   {label:22s} accuracy {served_acc:.3f} (transformers {hf_acc:.3f}), "
-                  f"same answer on {same:.1%} of {len(items)} items", flush=True)
+                  f"same answer on {same:.1%} of {len(items)} items; kept {rows[-1]['served_average_keep']} "
+                  f"(transformers {rows[-1]['transformers_average_keep']:.4f}), statuses {statuses}", flush=True)
     finally:
         server.stop()
     return rows
@@ -225,34 +241,57 @@ def latest_tables(path: Path) -> list[dict]:
 
 
 def save_chart(rows: list[dict], path: Path) -> Path:
-    import matplotlib
+    """Left: accuracy against keep ratio per ranker (Table 4). Right: adaptive against uniform
+    budgets at the same average keep (Table 5). PNG, drawn with PIL."""
+    from PIL import Image, ImageDraw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    width, height, pad = 480, 320, 50
+    img = Image.new("RGB", (2 * width, height), "white")
+    draw = ImageDraw.Draw(img)
+    colors = {"learned": (214, 39, 40), "cosine": (31, 119, 180), "spiral": (44, 160, 44),
+              "random": (127, 127, 127), "oracle": (148, 103, 189)}
+    ratios = sorted(KEEP_RATIOS)
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in RANKERS:
-        points = sorted((r["keep_ratio"], r["accuracy"]) for r in rows if r["table"] == "rankers" and r["ranker"] == name)
-        if points:
-            left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    left.set_xscale("log", base=2)
-    left.set_xlabel("keep ratio (uniform)")
-    left.set_ylabel("accuracy")
-    left.set_title("Table 4 in miniature: rankers")
-    left.legend()
+    def xy(ratio, accuracy):
+        x = pad + ratios.index(ratio) / (len(ratios) - 1) * (width - 2 * pad)
+        return x, height - pad - accuracy * (height - 2 * pad)
+
+    draw.text((pad, 10), "Table 4 in miniature: accuracy against keep ratio", fill="black")
+    draw.line([(pad, height - pad), (width - pad, height - pad)], fill="black")
+    draw.line([(pad, pad), (pad, height - pad)], fill="black")
+    for value in (0.0, 0.5, 1.0):
+        draw.text((8, xy(ratios[0], value)[1] - 6), f"{value:.1f}", fill="black")
+    for ratio in ratios:
+        draw.text((xy(ratio, 0)[0] - 10, height - pad + 6), f"{ratio:g}", fill="black")
+    draw.text((width // 2 - 30, height - 20), "keep ratio", fill="black")
+    for i, (name, color) in enumerate(colors.items()):
+        points = [xy(r["keep_ratio"], r["accuracy"]) for r in sorted(rows, key=lambda r: r.get("keep_ratio") or 0)
+                  if r["table"] == "rankers" and r["ranker"] == name]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        draw.text((width - pad - 70, pad + 14 * i), name, fill=color)
+
     budgets = [r for r in rows if r["table"] == "budgets"]
-    labels = [f"{r['budget'].split(' (')[0]}\n@{r['target']:g}" for r in budgets]
-    right.bar(range(len(budgets)), [r["accuracy"] for r in budgets],
-              color=["tab:blue" if "method" in r["budget"] else "tab:grey" for r in budgets])
-    for i, r in enumerate(budgets):
-        right.text(i, r["accuracy"], f"{r['average_keep']:.3f}", ha="center", va="bottom", fontsize=7)
-    right.set_xticks(range(len(budgets)), labels, fontsize=7)
-    right.set_ylabel("accuracy (label: average keep ratio)")
-    right.set_title("Table 5 in miniature: adaptive vs uniform")
-    fig.tight_layout()
+    x0 = width
+    draw.text((x0 + pad, 10), "Table 5 in miniature: adaptive vs uniform (label: avg keep)", fill="black")
+    draw.line([(x0 + pad, height - pad), (x0 + width - pad, height - pad)], fill="black")
+    low = min([r["accuracy"] for r in budgets], default=0.0) - 0.05
+    high = max([r["accuracy"] for r in budgets], default=1.0) + 0.02
+    slot = (width - 2 * pad) / max(1, len(budgets))
+    for k, r in enumerate(budgets):
+        left = x0 + pad + k * slot + 4
+        top = height - pad - (r["accuracy"] - low) / max(1e-9, high - low) * (height - 2 * pad)
+        color = (214, 39, 40) if r["budget"].startswith("method") else (127, 127, 127)
+        draw.rectangle([left, top, left + slot - 8, height - pad], fill=color)
+        draw.text((left, top - 24), f"{r['accuracy']:.3f}", fill="black")
+        draw.text((left, top - 12), f"{r['average_keep']:.3f}", fill="black")
+        label = ("A" if "threshold" in r["budget"] else "B" if "linear" in r["budget"] else "unif")
+        draw.text((left, height - pad + 6), f"{label}@{r['target']:g}", fill="black")
+    draw.text((x0 + 4, pad - 12), f"accuracy axis from {low:.2f}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    img.save(path)
     return path
 
 
@@ -282,16 +321,17 @@ def main(argv=None) -> list[dict]:
     if args.served:
         from asymvlm_vllm.hf.shapes_vlm import accuracy
 
+        from asymvlm_vllm.core import UniformBudget
+
         served = items[:args.served_items]
         rule = rules[("threshold", args.targets[0])]
-        answers[("adaptive", None)] = accuracy(vlm, served, rule)["answers"]
-        for r in args.served_keep_ratios:
-            if ("learned", r) not in answers:
-                from asymvlm_vllm.core import UniformBudget
-
-                answers[("learned", r)] = accuracy(vlm, served, UniformBudget(r))["answers"]
+        keeps, answers = {}, {}
+        for key, budget in [(("adaptive", None), rule)] + [(("learned", r), UniformBudget(r))
+                                                             for r in args.served_keep_ratios]:
+            result = accuracy(vlm, served, budget)
+            answers[key], keeps[key] = result["answers"], sum(result["keep_ratios"]) / len(served)
         work = Path(tempfile.mkdtemp(prefix="asymvlm-fidelity-"))
-        rows += served_table(args, model_dir, scorer, rule, served, answers, work)
+        rows += served_table(args, model_dir, scorer, rule, served, answers, keeps, work)
     rows = [{**common, **row} for row in rows]
     append_rows(args.out, rows[written:])
     save_chart(rows if not args.served_only else latest_tables(args.out), args.png)

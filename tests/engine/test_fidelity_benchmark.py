@@ -54,5 +54,8 @@ def test_the_served_plugin_gives_the_transformers_answers(rows):
     assert [r["budget"] for r in served] == ["uniform 1", "uniform 0.25", "method A (threshold)"]
     for row in served:
         assert row["items"] == 24
+        # Every request was pruned, exactly as the transformers path pruned it (no prefix-cache hit).
+        assert row["statuses"] == ["pruned"], row
+        assert row["served_average_keep"] == pytest.approx(row["transformers_average_keep"]), row
         assert row["same_answer"] >= 23 / 24, row
         assert abs(row["accuracy"] - row["transformers_accuracy"]) <= 1 / 24 + 1e-9, row
