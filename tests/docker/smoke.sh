@@ -30,6 +30,8 @@
 # ASYMVLM_SMOKE_MIRROR (Debian mirror, default http://deb.debian.org/debian),
 # ASYMVLM_SMOKE_CA (CA bundle mounted for the build, default /etc/ssl/certs/ca-certificates.crt),
 # ASYMVLM_SMOKE_MODEL (a model directory to serve; default the package's shapes_vlm),
+# ASYMVLM_SMOKE_SCORER (its scorer file; default the package's shapes_scorer.safetensors; without
+# one the config uses the cosine ranker),
 # ASYMVLM_SMOKE_KEEP=1 (keep images and storage for inspection; remove them yourself).
 set -euo pipefail
 
@@ -38,6 +40,7 @@ WORK=${ASYMVLM_SMOKE_WORK:-/var/tmp/asymvlm-docker-smoke}
 MIRROR=${ASYMVLM_SMOKE_MIRROR:-http://deb.debian.org/debian}
 CA=${ASYMVLM_SMOKE_CA:-/etc/ssl/certs/ca-certificates.crt}
 MODEL_SRC=${ASYMVLM_SMOKE_MODEL:-$REPO/asymvlm_vllm/assets/shapes_vlm}
+SCORER_SRC=${ASYMVLM_SMOKE_SCORER:-$REPO/asymvlm_vllm/assets/shapes_scorer.safetensors}
 KEEP=${ASYMVLM_SMOKE_KEEP:-0}
 BASE_IMAGE=localhost/asymvlm-smoke-base:bookworm
 IMAGE=localhost/asymvlm-vllm:smoke
@@ -188,8 +191,8 @@ else
 fi
 # The config: the llava-1.5 preset's budget (keep <= 0.5, so the 64-token image is always pruned),
 # with the model's trained scorer when there is one (a relative path: next to the YAML).
-if [[ -f $MODEL_SRC/scorer.safetensors ]]; then
-    cp "$MODEL_SRC/scorer.safetensors" "$WORK/config/"
+if [[ -f $SCORER_SRC ]]; then
+    cp "$SCORER_SRC" "$WORK/config/scorer.safetensors"
     ranker="ranker: learned
   scorer: scorer.safetensors"
 else
