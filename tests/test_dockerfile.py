@@ -73,23 +73,22 @@ def _base_image() -> str:
     return defaults[match.group(1)] if match else base
 
 
-def _env() -> dict[str, str]:
-    """Every ``ENV key=value`` (later ones win)."""
-    env = {}
-    for rest in _all("ENV"):
+def _pairs(keyword: str) -> dict[str, str]:
+    """Every ``key=value`` of every ``keyword`` instruction (ENV, LABEL; later ones win)."""
+    pairs = {}
+    for rest in _all(keyword):
         for word in shlex.split(rest):
             key, _, value = word.partition("=")
-            env[key] = value
-    return env
+            pairs[key] = value
+    return pairs
+
+
+def _env() -> dict[str, str]:
+    return _pairs("ENV")
 
 
 def _labels() -> dict[str, str]:
-    labels = {}
-    for rest in _all("LABEL"):
-        for word in shlex.split(rest):
-            key, _, value = word.partition("=")
-            labels[key] = value
-    return labels
+    return _pairs("LABEL")
 
 
 def test_base_is_an_argument_whose_default_is_the_published_base():
