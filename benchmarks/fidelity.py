@@ -42,8 +42,7 @@ KEEP_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.125)
 RANKERS = ("learned", "cosine", "spiral", "random", "oracle")
 TARGETS = (0.25, 0.125)
 RATIO_GRID = (0.0625, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.75, 1.0)  # whole tokens of 64: 4, 8, 12, 16, 24, ...
-CPU_SERVE_FLAGS = ("--enforce-eager", "--dtype", "float32", "--block-size", "32", "--max-model-len", "256",
-                   "--compilation-config", '{"custom_ops": ["none"]}')
+MAX_MODEL_LEN = "256"  # a task prompt is 78 tokens
 
 
 def parse_args(argv):
@@ -187,14 +186,14 @@ def served_table(args, model_dir: Path, scorer: Path, rule, items, hf_answers: d
     import yaml
 
     from asymvlm_vllm.hf.shapes import is_correct
-    from benchmarks.serve import Server
+    from benchmarks.serve import CPU_SERVE_FLAGS, Server
 
     env = dict(os.environ)
     flags = []
     if args.cpu_test_engine:
         from tests.engine.helpers import subprocess_env
 
-        env, flags = subprocess_env(), list(CPU_SERVE_FLAGS)
+        env, flags = subprocess_env(), [*CPU_SERVE_FLAGS, "--max-model-len", MAX_MODEL_LEN]
     config = {"architectures": ["LlavaForConditionalGeneration"], "calibrated": True,
               "vision": {"enabled": True, "ranker": "learned", "scorer": str(scorer.resolve()),
                          "budget": dataclasses.asdict(rule), "min_keep": 1}}

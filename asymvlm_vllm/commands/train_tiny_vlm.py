@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import __version__
     from ..hf import PrunedVLM, quiet_progress_bars, shapes
-    from ..hf.shapes_vlm import ShapesTrainingSettings, accuracy, save_shapes_vlm, train_shapes_vlm
+    from ..hf.shapes_vlm import ShapesTrainingSettings, accuracy, save_shapes_vlm, train_shapes_vlm, write_card
 
     quiet_progress_bars()
     settings = ShapesTrainingSettings(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         "final_loss_mean_last_50": sum(result.loss_history[-50:]) / max(1, len(result.loss_history[-50:])),
         "asymvlm_vllm": __version__, "torch": torch.__version__,
     }
-    save_shapes_vlm(model, processor, output, card)
+    write_card(output, card)
     print(f"wrote {output}: {result.steps} steps in {result.seconds:.0f} s; test accuracy (keep 1.0, "
           f"{len(items)} items) {scored['accuracy']:.3f} — "
           + ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items()))

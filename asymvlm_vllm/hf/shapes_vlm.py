@@ -56,6 +56,7 @@ __all__ = [
     "shipped_model_dir",
     "shipped_scorer",
     "train_shapes_vlm",
+    "write_card",
 ]
 
 SHIPPED_MODEL = "shapes_vlm"
@@ -64,12 +65,17 @@ CARD = "card.json"
 CHECKPOINT_FORMAT = "asymvlm-shapes-vlm-checkpoint"
 
 
+def _shipped(name: str, what: str, marker: str = "") -> Path:
+    """``asymvlm_vllm/assets/name``; :class:`AsymVLMError` if it (or ``name/marker``) is missing."""
+    path = Path(str(resources.files("asymvlm_vllm.assets") / name))
+    if not (path / marker if marker else path).is_file():
+        raise AsymVLMError(f"the shipped shapes {what} is missing: {path}; reinstall asymvlm-vllm")
+    return path
+
+
 def shipped_model_dir() -> Path:
     """The trained shapes VLM that ships in the package (a Hugging Face model directory)."""
-    path = Path(str(resources.files("asymvlm_vllm.assets") / SHIPPED_MODEL))
-    if not (path / "config.json").is_file():
-        raise AsymVLMError(f"the shipped shapes VLM is missing from {path}; reinstall asymvlm-vllm")
-    return path
+    return _shipped(SHIPPED_MODEL, "VLM", marker="config.json")
 
 
 def _corpus() -> list[str]:
@@ -437,15 +443,20 @@ def train_shapes_vlm(settings: ShapesTrainingSettings = ShapesTrainingSettings()
     return model, processor, run
 
 
-def save_shapes_vlm(model, processor, out: str | os.PathLike, card: dict | None = None) -> Path:
-    """Write a Hugging Face model directory (safetensors weights in the hub layout) and its card."""
+def save_shapes_vlm(model, processor, out: str | os.PathLike) -> Path:
+    """Write a Hugging Face model directory (safetensors weights in the hub layout)."""
     from .tiny import _save
 
     out = Path(out)
     _save(out, model, processor, processor.tokenizer, processor.chat_template)
-    if card is not None:
-        (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
     return out
+
+
+def write_card(out: str | os.PathLike, card: dict) -> Path:
+    """Write a model directory's ``card.json`` (how it was trained and how well it answers)."""
+    path = Path(out) / CARD
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
 
 
 def accuracy(vlm, items: Sequence[shapes.ShapesItem], budget: BudgetRule | None = None,
@@ -502,15 +513,9 @@ SHIPPED_CONFIG = "shapes_asymvlm.yaml"
 
 def shipped_scorer() -> Path:
     """The learned scorer file shipped for the shapes VLM (``asymvlm_vllm/assets/shapes_scorer.safetensors``)."""
-    path = Path(str(resources.files("asymvlm_vllm.assets") / SHIPPED_SCORER))
-    if not path.is_file():
-        raise AsymVLMError(f"the shipped shapes scorer is missing: {path}; reinstall asymvlm-vllm")
-    return path
+    return _shipped(SHIPPED_SCORER, "scorer")
 
 
 def shipped_config() -> Path:
     """The AsymVLM config shipped for the shapes VLM: its learned scorer and calibrated budget."""
-    path = Path(str(resources.files("asymvlm_vllm.assets") / SHIPPED_CONFIG))
-    if not path.is_file():
-        raise AsymVLMError(f"the shipped shapes config is missing: {path}; reinstall asymvlm-vllm")
-    return path
+    return _shipped(SHIPPED_CONFIG, "config")

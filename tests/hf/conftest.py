@@ -84,3 +84,28 @@ def remote_hd_transform():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.HD_transform
+
+
+# ---------------------------------------------------------------- reading shapes-task pixels
+
+
+def cell_tile(image, cell: int) -> np.ndarray:
+    """The (8, 8, 3) int pixels of ``cell`` of a shapes-task image (array or PIL)."""
+    from asymvlm_vllm.hf import shapes
+
+    row, col = divmod(cell, shapes.GRID)
+    pixels = np.asarray(image).astype(int)
+    return pixels[row * shapes.CELL:(row + 1) * shapes.CELL, col * shapes.CELL:(col + 1) * shapes.CELL]
+
+
+def colourful(tile: np.ndarray) -> np.ndarray:
+    """Where a tile is not grey (the background noise has equal channels): (8, 8) bool."""
+    return (tile.max(-1) - tile.min(-1)) > 40
+
+
+def nearest_colour(tile: np.ndarray) -> str:
+    """The task colour nearest the mean of a tile's colourful pixels."""
+    from asymvlm_vllm.hf import shapes
+
+    mean = tile[colourful(tile)].mean(0)
+    return min(shapes.COLOURS, key=lambda c: np.abs(np.array(shapes.COLOURS[c]) - mean).sum())

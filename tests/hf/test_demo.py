@@ -16,7 +16,7 @@ from asymvlm_vllm.hf import shapes
 from asymvlm_vllm.hf.demo import sample_question, shapes_sample
 from asymvlm_vllm.hf.pruning import prune_prompt
 from asymvlm_vllm.hf.shapes_vlm import shipped_config, shipped_model_dir
-from tests.hf.conftest import random_image, remote_hd_transform
+from tests.hf.conftest import cell_tile, colourful, nearest_colour, random_image, remote_hd_transform
 
 
 @pytest.fixture
@@ -65,14 +65,10 @@ def test_bundled_samples_are_small_and_have_questions():
 def test_bundled_shapes_sample_is_what_its_metadata_says():
     """Independent of the model: the answer cell holds the asked shape in the answer's colour."""
     picture, question, answer, cell = shapes_sample()
-    pixels = np.asarray(picture).astype(int)
-    row, col = divmod(cell, 8)
-    tile = pixels[8 * row:8 * row + 8, 8 * col:8 * col + 8]
-    colourful = (tile.max(-1) - tile.min(-1)) > 40
+    tile = cell_tile(picture, cell)
     asked = question.rstrip("?").split()[-1]
-    assert np.array_equal(colourful, shapes.MASKS[asked])
-    mean = tile[colourful].mean(0)
-    assert min(shapes.COLOURS, key=lambda c: np.abs(np.array(shapes.COLOURS[c]) - mean).sum()) == answer
+    assert np.array_equal(colourful(tile), shapes.MASKS[asked])
+    assert nearest_colour(tile) == answer
 
 
 def test_default_demo_answers_right_and_shows_a_bad_ranker(offline, tmp_path, capsys):

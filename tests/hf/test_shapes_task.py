@@ -8,22 +8,7 @@ import pytest
 
 from asymvlm_vllm.hf import shapes
 from asymvlm_vllm.hf.data import load_samples
-
-
-def cell_pixels(image, cell):
-    row, col = divmod(cell, shapes.GRID)
-    return image[row * shapes.CELL:(row + 1) * shapes.CELL, col * shapes.CELL:(col + 1) * shapes.CELL].reshape(-1, 3)
-
-
-def coloured(pixels):
-    """Pixels that are not grey (the background noise has equal channels)."""
-    p = pixels.astype(int)
-    return p[(p.max(1) - p.min(1)) > 40]
-
-
-def nearest_colour(pixels) -> str:
-    mean = coloured(pixels).mean(0)
-    return min(shapes.COLOURS, key=lambda c: np.abs(np.array(shapes.COLOURS[c]) - mean).sum())
+from tests.hf.conftest import cell_tile, colourful, nearest_colour
 
 
 def test_items_are_pure_functions_of_split_and_index():
@@ -42,9 +27,9 @@ def test_the_answer_follows_from_the_pixels(index):
     # Exactly the object cells hold colour; every other cell is grey noise.
     object_cells = {cell for _, _, cell in item.objects}
     for cell in range(64):
-        n = len(coloured(cell_pixels(image, cell)))
+        n = int(colourful(cell_tile(image, cell)).sum())
         assert (n >= 8) if cell in object_cells else (n == 0), (cell, n)
-    seen = {cell: nearest_colour(cell_pixels(image, cell)) for cell in object_cells}
+    seen = {cell: nearest_colour(cell_tile(image, cell)) for cell in object_cells}
     shape_of = {cell: shape for shape, _, cell in item.objects}
     assert len(set(shape_of.values())) == shapes.NUM_OBJECTS  # the shape named in a question is unique
     words = item.question.rstrip("?").split()
